@@ -84,3 +84,22 @@ def default_rng(seed=None, device="cpu"):
     generator never needs to know where it draws.
     """
     return array_module_for_device(device).random.default_rng(seed)
+
+
+# One global generator per device for ops that draw when no generator is
+# passed (dropout). `manual_seed` resets them, so a seeded run repeats exactly.
+_global_rngs = {}
+
+
+def manual_seed(seed):
+    """Seed the global generators of every device (those already made are replaced)."""
+    _global_rngs.clear()
+    _global_rngs["seed"] = seed
+
+
+def global_rng(device="cpu"):
+    if device not in _global_rngs:
+        seed = _global_rngs.get("seed")
+        # Different streams per device from one seed: the device name is mixed in.
+        _global_rngs[device] = default_rng(None if seed is None else [seed, len(device)], device)
+    return _global_rngs[device]
