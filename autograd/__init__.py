@@ -10,5 +10,8 @@ the ops a network is built from; `nn.py` layers; `optim.py` optimizers;
 """
 from .tensor import Tensor, Function, no_grad, is_grad_enabled
 from .gradcheck import gradcheck, GradcheckError
+from .backend import manual_seed
+from . import functional, nn, optim
 
-__all__ = ["Tensor", "Function", "no_grad", "is_grad_enabled", "gradcheck", "GradcheckError"]
+__all__ = ["Tensor", "Function", "no_grad", "is_grad_enabled", "gradcheck", "GradcheckError",
+           "manual_seed", "functional", "nn", "optim"]
