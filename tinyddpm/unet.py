@@ -1,0 +1,156 @@
+"""The DDPM denoiser eps_theta(x_t, t): the paper's UNet, scaled to MNIST.
+
+Follows the official code (hojonathanho/diffusion, `diffusion_tf/models/unet.py`)
+and DDPM's Appendix B. It is a UNet changed in three ways:
+1. a sinusoidal embedding of t, passed through a small MLP, enters every
+   residual block (added to its feature map after the first convolution);
+2. every convolution stage is a ResNet block (GroupNorm, SiLU, 3x3 conv, twice,
+   plus a skip connection);
+3. single-head self-attention over all positions at the listed resolutions.
+
+Parameters are created in the same order and with the same shapes as
+`shared/reference/torch_unet.py`, so weights carry over by position.
+"""
+import numpy as np
+
+import autograd.functional as F
+from autograd import nn
+
+PRESETS = {
+    # mnist-tiny: the CPU default, 1,112,801 parameters.
+    "mnist-tiny": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,),
+                       dropout=0.0, num_groups=8),
+    # mnist: the GPU default, 6,469,889 parameters.
+    "mnist": dict(ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(14,),
+                  dropout=0.1, num_groups=32),
+}
+
+
+def _zero(conv):
+    # The official code initializes the last layer of each residual branch at
+    # zero scale, so every block starts as the identity and the untrained
+    # network predicts eps = 0 (a loss of exactly 1 at step 0) instead of
+    # adding random noise on top of its input. Training is then stable from the
+    # first step without warm-up tricks; the weights leave zero after one update.
+    conv.weight.data[...] = 0
+    conv.bias.data[...] = 0
+    return conv
+
+
+class ResBlock(nn.Module):
+    """GroupNorm, SiLU, conv3x3, + Linear(SiLU(temb)), GroupNorm, SiLU, dropout, conv3x3; + skip."""
+
+    def __init__(self, cin, cout, temb_dim, dropout, num_groups, rng, dtype):
+        self.norm1 = nn.GroupNorm(num_groups, cin, dtype=dtype)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, rng=rng, dtype=dtype)
+        self.temb_proj = nn.Linear(temb_dim, cout, rng=rng, dtype=dtype)
+        self.norm2 = nn.GroupNorm(num_groups, cout, dtype=dtype)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(cout, cout, 3, padding=1, rng=rng, dtype=dtype))
+        # A 1x1 convolution matches the channel count when the block changes it.
+        self.skip = nn.Conv2d(cin, cout, 1, rng=rng, dtype=dtype) if cin != cout else None
+
+    def forward(self, x, temb):
+        B, C, H, W = x.shape
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb_proj(F.silu(temb)).reshape(B, -1, 1, 1)      # same shift at every pixel
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return (x if self.skip is None else self.skip(x)) + h
+
+
+class AttnBlock(nn.Module):
+    """GroupNorm, then self-attention over the H*W positions, plus the input."""
+
+    def __init__(self, channels, num_groups, rng, dtype):
+        self.norm = nn.GroupNorm(num_groups, channels, dtype=dtype)
+        self.attn = nn.SelfAttention2d(channels, rng=rng, dtype=dtype)
+        _zero(self.attn.proj_out)
+
+    def forward(self, x):
+        return x + self.attn(self.norm(x))
+
+
+class UNet(nn.Module):
+    """eps_theta(x, t) for x (B, C, H, W) and integer timesteps t (B,), 0-based."""
+
+    def __init__(self, in_channels=1, image_size=28, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2,
+                 attn_resolutions=(14,), dropout=0.1, num_groups=32, rng=None, dtype=np.float32):
+        if image_size % 2 ** (len(ch_mult) - 1):
+            raise ValueError(f"UNet: image_size {image_size} must be divisible by "
+                             f"2^{len(ch_mult) - 1} for {len(ch_mult)} levels")
+        self.in_channels, self.image_size, self.ch = in_channels, image_size, ch
+        rng = rng if rng is not None else np.random.default_rng(0)
+        block = dict(temb_dim=4 * ch, dropout=dropout, num_groups=num_groups, rng=rng, dtype=dtype)
+
+        # Timestep embedding: sinusoids, then Linear(ch, 4ch), SiLU, Linear(4ch, 4ch).
+        self.temb = nn.SinusoidalEmbedding(ch, dtype=dtype)
+        self.temb_dense0 = nn.Linear(ch, 4 * ch, rng=rng, dtype=dtype)
+        self.temb_dense1 = nn.Linear(4 * ch, 4 * ch, rng=rng, dtype=dtype)
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1, rng=rng, dtype=dtype)
+
+        # Down: every output is kept as a skip for the up path.
+        self.down = nn.ModuleList()
+        skip_channels, cur, res = [ch], ch, image_size
+        for level, mult in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                stage = nn.ModuleList([ResBlock(cur, ch * mult, **block)])
+                cur = ch * mult
+                if res in attn_resolutions:
+                    stage.append(AttnBlock(cur, num_groups, rng, dtype))
+                self.down.append(stage)
+                skip_channels.append(cur)
+            if level != len(ch_mult) - 1:
+                self.down.append(nn.Conv2d(cur, cur, 3, stride=2, padding=1, rng=rng, dtype=dtype))
+                skip_channels.append(cur)
+                res //= 2
+
+        self.mid1 = ResBlock(cur, cur, **block)
+        self.mid_attn = AttnBlock(cur, num_groups, rng, dtype)
+        self.mid2 = ResBlock(cur, cur, **block)
+
+        # Up: each block takes the running tensor concatenated with the newest skip.
+        self.up = nn.ModuleList()
+        for level in reversed(range(len(ch_mult))):
+            for _ in range(num_res_blocks + 1):
+                stage = nn.ModuleList([ResBlock(cur + skip_channels.pop(), ch * ch_mult[level], **block)])
+                cur = ch * ch_mult[level]
+                if res in attn_resolutions:
+                    stage.append(AttnBlock(cur, num_groups, rng, dtype))
+                self.up.append(stage)
+            if level != 0:
+                self.up.append(nn.Conv2d(cur, cur, 3, padding=1, rng=rng, dtype=dtype))  # after x2 upsampling
+                res *= 2
+
+        self.norm_out = nn.GroupNorm(num_groups, cur, dtype=dtype)
+        self.conv_out = _zero(nn.Conv2d(cur, in_channels, 3, padding=1, rng=rng, dtype=dtype))
+
+    def forward(self, x, t):
+        B, C, H, W = x.shape
+        if (C, H, W) != (self.in_channels, self.image_size, self.image_size):
+            raise ValueError(f"UNet: expected input (B, {self.in_channels}, {self.image_size}, "
+                             f"{self.image_size}), got {tuple(x.shape)}")
+        if tuple(t.shape) != (B,):
+            raise ValueError(f"UNet: expected timesteps of shape ({B},), got {tuple(t.shape)}")
+
+        temb = self.temb_dense1(F.silu(self.temb_dense0(self.temb(t))))   # (B, 4ch)
+        hs = [self.conv_in(x)]
+        for layer in self.down:
+            if isinstance(layer, nn.Conv2d):                               # downsample by 2
+                hs.append(layer(hs[-1]))
+            else:
+                hs.append(self._stage(layer, hs[-1], temb))
+        h = self.mid2(self.mid_attn(self.mid1(hs[-1], temb)), temb)
+        for layer in self.up:
+            if isinstance(layer, nn.Conv2d):                               # upsample by 2
+                h = layer(F.upsample_nearest2d(h, 2))
+            else:
+                h = self._stage(layer, F.concat([h, hs.pop()], axis=1), temb)
+        assert not hs, "every skip connection is used exactly once"
+        return self.conv_out(F.silu(self.norm_out(h)))                     # (B, C, H, W)
+
+    @staticmethod
+    def _stage(stage, h, temb):
+        h = stage[0](h, temb)
+        for attn in list(stage)[1:]:
+            h = attn(h)
+        return h
