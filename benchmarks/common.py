@@ -1,0 +1,105 @@
+"""What every benchmark here shares: the machine line, timing, alternating rounds, output.
+
+Method: each function is run a few times untimed (warm-up: first-call
+allocations, BLAS thread start-up, torch's one-off dispatch), then timed
+`rounds` times; the median is reported, since a single slow round (another
+process, a page fault storm) moves it least. When two implementations are
+compared they alternate round by round, so a slow spell of the machine hits
+both alike instead of whichever happened to run then.
+
+Run benchmarks with the BLAS the library would pick by itself:
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_conv.py
+
+(this machine pins OpenBLAS to its Haswell kernel, which halves matmul speed
+on a Zen 5 core). The header line says which kernel actually ran.
+"""
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+
+def blas_info():
+    """'openblas SkylakeX x2 threads' or similar, from threadpoolctl when it is installed."""
+    try:
+        import threadpoolctl
+    except ImportError:
+        return "unknown (pip install threadpoolctl to see which BLAS kernel runs)"
+    import numpy  # noqa: F401  (loads the BLAS so that threadpoolctl can see it)
+    found = [f"{i.get('internal_api')} {i.get('architecture', '?')} x{i.get('num_threads')}"
+             for i in threadpoolctl.threadpool_info() if i.get("user_api") == "blas"]
+    return ", ".join(found) or "none found"
+
+
+def machine_header():
+    """One dict describing where the figures come from."""
+    import numpy as np
+    pinned = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+                                         "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+              if k in os.environ}
+    return {"python": platform.python_version(), "numpy": np.__version__,
+            "cpu": _cpu_name(), "cores": os.cpu_count(), "blas": blas_info(),
+            "blas_env": pinned}
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def torch_or_none(threads):
+    """PyTorch set to `threads` CPU threads, or None when it is not importable."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    return torch
+
+
+def time_alternating(fns, rounds, warmup=2, sync=None):
+    """Median seconds of each function in `fns` (a dict name -> callable).
+
+    Every round runs each function once, in turn, so that drifts of the
+    machine's speed fall on all of them alike. `sync` (optional) is called
+    before each clock read, for asynchronous devices.
+    """
+    sync = sync or (lambda: None)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def emit_json(record):
+    print(json.dumps(record), flush=True)
+
+
+def print_table(rows, columns, file=sys.stdout):
+    """A plain, aligned text table; `columns` is a list of (key, header, format)."""
+    cells = [[h for _, h, _ in columns]]
+    for row in rows:
+        cells.append([("-" if row.get(k) is None else fmt.format(row[k])) for k, _, fmt in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    for n, r in enumerate(cells):
+        print("  ".join(c.ljust(w) if i == 0 or n == 0 else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(r, widths))), file=file)
+        if n == 0:
+            print("  ".join("-" * w for w in widths), file=file)
