@@ -125,7 +125,10 @@ class ModuleList(Module):
         return (m for _, m in self.named_children())
 
     def __getitem__(self, i):
-        return getattr(self, str(i % len(self)))
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"ModuleList index {i} out of range for length {n}")
+        return getattr(self, str(i % n))
 
 
 # =============================================================================

@@ -35,6 +35,14 @@ class Optimizer:
         return state
 
     def load_state_dict(self, state):
+        name = type(self).__name__
+        expected = {"step"} | {f"{slot}.{i}" for slot, arrays in self._state_arrays().items()
+                               for i in range(len(arrays))}
+        unexpected = sorted(set(state) - expected)
+        if "step" not in state or unexpected:
+            raise ValueError(f"{name}.load_state_dict: "
+                             + ("missing 'step'" if "step" not in state else "")
+                             + (f" unexpected keys {unexpected}" if unexpected else ""))
         self.step_count = int(state["step"])
         for slot, arrays in self._state_arrays().items():
             for i, (p, a) in enumerate(zip(self.params, arrays)):
@@ -79,6 +87,8 @@ class Adam(Optimizer):
     m <- b1 m + (1 - b1) g,  v <- b2 v + (1 - b2) g^2,
     p <- p - lr * m_hat / (sqrt(v_hat) + eps), with m_hat = m / (1 - b1^t),
     v_hat = v / (1 - b2^t) correcting the bias of starting m and v at zero.
+    One step counter serves all parameters (PyTorch counts per parameter); the
+    two differ only for a parameter that sometimes has no gradient.
     """
 
     def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):

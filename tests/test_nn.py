@@ -55,9 +55,6 @@ def test_module_list_indexes_and_iterates_in_order():
     assert isinstance(net.blocks[1][0], nn.Linear)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ModuleList.__getitem__ reduces the index modulo len, "
-                   "so an index past the end wraps around instead of raising IndexError",
-                   raises=pytest.fail.Exception)   # pytest.raises: "DID NOT RAISE"
 def test_module_list_index_past_the_end_raises_index_error():
     blocks = Net().blocks
     with pytest.raises(IndexError):

@@ -125,12 +125,14 @@ class UNet(nn.Module):
         self.conv_out = _zero(nn.Conv2d(cur, in_channels, 3, padding=1, rng=rng, dtype=dtype))
 
     def forward(self, x, t):
-        B, C, H, W = x.shape
-        if (C, H, W) != (self.in_channels, self.image_size, self.image_size):
-            raise ValueError(f"UNet: expected input (B, {self.in_channels}, {self.image_size}, "
-                             f"{self.image_size}), got {tuple(x.shape)}")
-        if tuple(t.shape) != (B,):
-            raise ValueError(f"UNet: expected timesteps of shape ({B},), got {tuple(t.shape)}")
+        expected = (self.in_channels, self.image_size, self.image_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"UNet: expected input (B, {', '.join(map(str, expected))}), "
+                             f"got {tuple(x.shape)}")
+        B = x.shape[0]
+        if not hasattr(t, "shape") or tuple(t.shape) != (B,):
+            raise ValueError(f"UNet: expected an integer array of timesteps of shape ({B},), "
+                             f"got {getattr(t, 'shape', type(t).__name__)}")
 
         temb = self.temb_dense1(F.silu(self.temb_dense0(self.temb(t))))   # (B, 4ch)
         hs = [self.conv_in(x)]
