@@ -270,7 +270,8 @@ def test_clipped_and_literal_means_agree_when_nothing_is_clipped():
     np.testing.assert_allclose(inside[0], inside[1], atol=1e-9)
     # Data far outside [-1, 1]: the predicted x0 is clipped, and the two differ.
     d, model = gaussian_setup(T=200, mu=0.0, s=3.0)
-    outside = [d.p_mean_variance(model, np.full((1, 1), 2.0), np.array([10]), clip)[0] for clip in (True, False)]
+    outside = [d.p_mean_variance(model, np.full((1, 1), 2.0), np.array([10]), clip)[0]
+               for clip in (True, False)]
     assert abs(outside[0] - outside[1]).item() > 1e-3
 
 
@@ -288,7 +289,8 @@ def test_trajectory_snapshots_and_progress():
     assert len(ticks) == 30
     labels = [t for t, _ in trajectory]
     assert len(trajectory) == 11 and labels[0] == 30 and labels[-1] == 0 and labels == sorted(labels)[::-1]
-    np.testing.assert_array_equal(trajectory[0][1], np.random.default_rng(0).standard_normal((2, 3), dtype=np.float32))
+    x_T = np.random.default_rng(0).standard_normal((2, 3), dtype=np.float32)   # the sampler's first draw
+    np.testing.assert_array_equal(trajectory[0][1], x_T)
     assert trajectory[-1][1] is x
     _, every_step = d.sample(Scale(), (2, 3), np.random.default_rng(0), return_trajectory=100)
     assert [t for t, _ in every_step] == list(range(30, -1, -1))
@@ -324,7 +326,8 @@ def test_respacing_keeps_alpha_bar_and_calls_the_model_with_original_timesteps()
 def test_respaced_samplers_still_recover_gaussian_data():
     d, model = gaussian_setup(T=1000, mu=0.1, s=0.3)
     for sampler in (d.sample, d.ddim_sample):
-        x = sampler(model, (10_000, 1), np.random.default_rng(1), steps=250, clip_denoised=False, dtype=np.float64)
+        x = sampler(model, (10_000, 1), np.random.default_rng(1), steps=250, clip_denoised=False,
+                    dtype=np.float64)
         assert_gaussian(x, 0.1, 0.3, std_rtol=0.05)
 
 
@@ -346,7 +349,8 @@ def test_ddim_with_eta_0_is_deterministic():
 def test_ddim_eta_0_and_eta_1_sample_the_same_distribution():
     d, model = gaussian_setup(T=1000, mu=0.1, s=0.3)
     for eta in (0.0, 1.0):
-        x = d.ddim_sample(model, (10_000, 1), np.random.default_rng(2), eta=eta, clip_denoised=False, dtype=np.float64)
+        x = d.ddim_sample(model, (10_000, 1), np.random.default_rng(2), eta=eta, clip_denoised=False,
+                          dtype=np.float64)
         assert_gaussian(x, 0.1, 0.3, std_rtol=0.04)
 
 
@@ -408,15 +412,18 @@ def test_vlb_of_the_optimal_model_matches_the_analytic_bound():
     out = d.vlb_terms(model, x0, np.random.default_rng(1), clip_denoised=False)
 
     ab = d.alphas_cumprod
-    np.testing.assert_allclose(out["prior"], 0.5 * (ab[-1] * x0[:, 0] ** 2 - ab[-1] - np.log(1 - ab[-1])), atol=1e-15)
+    prior = 0.5 * (ab[-1] * x0[:, 0] ** 2 - ab[-1] - np.log(1 - ab[-1]))
+    np.testing.assert_allclose(out["prior"], prior, atol=1e-15)
 
     var_x0 = s ** 2 * (1 - ab) / (ab * s ** 2 + 1 - ab)
     sigma2, beta_tilde, coef1 = d.model_variance[1:], d.posterior_variance[1:], d.posterior_mean_coef1[1:]
-    kl_sum = (0.5 * (np.log(sigma2 / beta_tilde) + beta_tilde / sigma2 - 1 + coef1 ** 2 * var_x0[1:] / sigma2)).sum()
+    kl = 0.5 * (np.log(sigma2 / beta_tilde) + beta_tilde / sigma2 - 1 + coef1 ** 2 * var_x0[1:] / sigma2)
+    kl_sum = kl.sum()
     mc_sum = out["terms"][:, 1:].sum(1)
     assert abs(mc_sum.mean() - kl_sum) < 4 * mc_sum.std() / math.sqrt(n)
 
-    gain = math.sqrt(ab[0]) * s ** 2 / (ab[0] * s ** 2 + 1 - ab[0])     # x0_hat = mu + gain (x_1 - sqrt(ab_1) mu)
+    # x0_hat = mu + gain (x_1 - sqrt(ab_1) mu), with x_1 ~ N(sqrt(ab_1) x_0, 1 - ab_1)
+    gain = math.sqrt(ab[0]) * s ** 2 / (ab[0] * s ** 2 + 1 - ab[0])
     z, w = np.polynomial.hermite_e.hermegauss(60)
     x0_hat = mu + gain * math.sqrt(ab[0]) * (LEVELS[:, None] - mu) + gain * math.sqrt(1 - ab[0]) * z
     cdf = stats.norm.cdf((edges[:, None, None] - x0_hat) / math.sqrt(d.betas[0]))

@@ -80,23 +80,23 @@ class GaussianDiffusion:
         # q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I), eq. 4
         self.betas = betas
         self.alphas = 1.0 - betas
-        self.alphas_cumprod = np.cumprod(self.alphas)                         # alpha_bar_t
-        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])   # alpha_bar_{t-1}; alpha_bar_0 = 1
-        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
-        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+        ab = self.alphas_cumprod = np.cumprod(self.alphas)              # alpha_bar_t
+        ab_prev = self.alphas_cumprod_prev = np.append(1.0, ab[:-1])    # alpha_bar_{t-1}, with alpha_bar_0 = 1
+        self.sqrt_alphas_cumprod = np.sqrt(ab)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - ab)
         # eq. 4 solved for x_0: x_0 = sqrt(1 / alpha_bar) x_t - sqrt(1 / alpha_bar - 1) eps
-        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
-        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1.0)
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / ab)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / ab - 1.0)
 
         # posterior q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta~_t I), eqs. 6-7
-        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_variance = betas * (1.0 - ab_prev) / (1.0 - ab)
         # The posterior variance is 0 at t = 0 (given x_0, the step to x_0 is certain), so
         # its log would be -inf; the log is clipped to the value at t = 1, as in the
         # official code. With T = 1 there is no such value and log(beta_1) stands in.
         first = self.posterior_variance[1] if T > 1 else betas[0]
         self.posterior_log_variance_clipped = np.log(np.append(first, self.posterior_variance[1:]))
-        self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(self.alphas) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef1 = betas * np.sqrt(ab_prev) / (1.0 - ab)
+        self.posterior_mean_coef2 = (1.0 - ab_prev) * np.sqrt(self.alphas) / (1.0 - ab)
 
         # reverse p(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I), eq. 11
         self.sqrt_recip_alphas = np.sqrt(1.0 / self.alphas)
@@ -122,24 +122,27 @@ class GaussianDiffusion:
         x0, x_t: (B, ...); t: int (B,). The mean is (B, ...); the variance and
         log-variance are (B, 1, ..., 1), to broadcast.
         """
-        mean = x0 * extract(self.posterior_mean_coef1, t, x_t) + x_t * extract(self.posterior_mean_coef2, t, x_t)
+        mean = (x0 * extract(self.posterior_mean_coef1, t, x_t)
+                + x_t * extract(self.posterior_mean_coef2, t, x_t))
         return (mean, extract(self.posterior_variance, t, x_t),
                 extract(self.posterior_log_variance_clipped, t, x_t))
 
     def predict_x0_from_eps(self, x_t, t, eps):
         """The x_0 that eq. 4 implies for x_t and the noise eps. All (B, ...); t: int (B,)."""
-        return x_t * extract(self.sqrt_recip_alphas_cumprod, t, x_t) - eps * extract(self.sqrt_recipm1_alphas_cumprod, t, x_t)
+        return (x_t * extract(self.sqrt_recip_alphas_cumprod, t, x_t)
+                - eps * extract(self.sqrt_recipm1_alphas_cumprod, t, x_t))
 
     def predict_eps_from_x0(self, x_t, t, x0):
         """The inverse of predict_x0_from_eps: the noise that takes x0 to x_t."""
-        return (x_t * extract(self.sqrt_recip_alphas_cumprod, t, x_t) - x0) / extract(self.sqrt_recipm1_alphas_cumprod, t, x_t)
+        return ((x_t * extract(self.sqrt_recip_alphas_cumprod, t, x_t) - x0)
+                / extract(self.sqrt_recipm1_alphas_cumprod, t, x_t))
 
     # =========================================================================
     # Training (Algorithm 1)
     # =========================================================================
 
     def model_eps(self, model, x_t, t):
-        """model(x_t, t) as a Tensor, called with the original chain's timesteps (timestep_map[t])."""
+        """model(x_t, t) as a Tensor; the model sees the original chain's timesteps, timestep_map[t]."""
         x = x_t if isinstance(x_t, Tensor) else Tensor(x_t)
         out = model(x, backend.to_device(self.timestep_map[backend.to_numpy(t)], x.device))
         if not isinstance(out, Tensor) or out.shape != x.shape:
@@ -224,8 +227,10 @@ class GaussianDiffusion:
         if steps is not None:
             return self.respace(steps).sample(model, shape, rng, None, progress, return_trajectory,
                                               clip_denoised, noise_scale, dtype)
-        return self._run_chain(lambda x, t: self.p_sample(model, x, t, rng, clip_denoised, noise_scale),
-                               shape, rng, progress, return_trajectory, dtype)
+
+        def step(x, t):
+            return self.p_sample(model, x, t, rng, clip_denoised, noise_scale)
+        return self._run_chain(step, shape, rng, progress, return_trajectory, dtype)
 
     def _run_chain(self, step, shape, rng, progress, return_trajectory, dtype):
         """x_T ~ N(0, I), x <- step(x, t) for t = T-1..0, then clip to [-1, 1]."""
@@ -237,7 +242,8 @@ class GaussianDiffusion:
             bar = tqdm(total=self.T, desc="sampling")
             progress = bar.update
         n_snapshots = 10 if return_trajectory is True else int(return_trajectory)
-        snapshot_at = set(np.round(np.linspace(self.T - 1, 0, min(n_snapshots, self.T))).astype(int))
+        snapshots = np.round(np.linspace(self.T - 1, 0, min(n_snapshots, self.T)))
+        snapshot_at = set(snapshots.astype(int).tolist())
         trajectory = []
         with no_grad():
             for t in reversed(range(self.T)):
@@ -266,7 +272,8 @@ class GaussianDiffusion:
         beta_i = 1 - alpha_bar_{t_i} / alpha_bar_{t_{i-1}}; the model is still
         called with the original t_i (timestep_map). respace(T) is this chain.
         """
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= self.T:
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) \
+                or not 1 <= steps <= self.T:
             raise ValueError(f"steps must be an integer in [1, {self.T}], got {steps!r}")
         kept = np.round(np.linspace(self.T - 1, 0, steps))[::-1].astype(np.int64)
         alphas_cumprod = self.alphas_cumprod[kept]
@@ -280,8 +287,10 @@ class GaussianDiffusion:
     def ddim_step(self, model, x_t, t, rng, eta=0.0, clip_denoised=True):
         """One step of DDIM (Song et al. 2021, eq. 12):
 
-            x_{t-1} = sqrt(alpha_bar_{t-1}) x0_pred + sqrt(1 - alpha_bar_{t-1} - sigma_t^2) eps_pred + sigma_t z,
-            sigma_t = eta sqrt((1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_{t-1}).
+            x_{t-1} = sqrt(ab_{t-1}) x0_pred + sqrt(1 - ab_{t-1} - sigma_t^2) eps_pred + sigma_t z,
+            sigma_t = eta sqrt((1 - ab_{t-1}) / (1 - ab_t)) sqrt(1 - ab_t / ab_{t-1}),
+
+        with ab = alpha_bar.
 
         sigma_t^2 is eta^2 times the posterior variance: eta = 0 is deterministic,
         eta = 1 is ancestral sampling with variance="posterior". x_t: (B, ...);
@@ -306,8 +315,10 @@ class GaussianDiffusion:
         if steps is not None:
             return self.respace(steps).ddim_sample(model, shape, rng, None, eta, progress,
                                                    return_trajectory, clip_denoised, dtype)
-        return self._run_chain(lambda x, t: self.ddim_step(model, x, t, rng, eta, clip_denoised),
-                               shape, rng, progress, return_trajectory, dtype)
+
+        def step(x, t):
+            return self.ddim_step(model, x, t, rng, eta, clip_denoised)
+        return self._run_chain(step, shape, rng, progress, return_trajectory, dtype)
 
     # =========================================================================
     # The variational bound (eq. 5): evaluated on the host in float64
@@ -357,7 +368,8 @@ class GaussianDiffusion:
             else:
                 x_t_host = backend.to_numpy(x_t).astype(np.float64)
                 q_mean, _, q_log_variance = self.q_posterior(x0_host, x_t_host, t_host)
-                terms[:, j] = _sum_per_example(normal_kl(q_mean, q_log_variance, mean, log_variance))
+                kl = normal_kl(q_mean, q_log_variance, mean, log_variance)
+                terms[:, j] = _sum_per_example(kl)
         out = {"prior": self.prior_kl(x0_host), "terms": terms, "timesteps": timesteps}
         if np.array_equal(np.sort(timesteps), np.arange(self.T)):
             out["total"] = out["prior"] + terms.sum(axis=1)
