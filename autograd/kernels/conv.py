@@ -2,18 +2,35 @@
 
 Layout is NCHW, weights (C_out, C_in, kH, kW), as PyTorch. CuPy 14 has no
 cuDNN module, so both backends do the same thing: gather every kH x kW patch
-into a row (im2col) and multiply by the weight matrix.
+into a column (im2col) and multiply by the weight matrix.
 
 With y = conv(x, w):   y[b, o, i, j] = sum_{c, u, v} w[o, c, u, v] x_pad[b, c, s*i+u, s*j+v]
-- dL/dw is the same patches times dL/dy (one matrix product), and
-- dL/dx sends each dL/dy value back to the pixels of its patch: for every
-  kernel offset (u, v), one strided add into the padded gradient, so no
-  scatter with repeated indices (`add.at`) is needed.
+- dL/dw is dL/dy times the same patch matrix (one matrix product), and
+- dL/dx, for stride 1, is itself a convolution: of dL/dy, padded by k-1-p,
+  with the weights flipped in space and C_in/C_out swapped (each input pixel
+  collects dL/dy over the outputs whose patch held it). For stride > 1 the
+  patch gradients are added back into place, one strided add per offset.
+
+How the fast version is laid out, and why (measured in benchmarks/bench_conv.py):
+- The patch matrix is (C*kh*kw, images*pixels): one row per (channel, offset),
+  images side by side, so a chunk of images needs one large matrix product
+  and its rows are long contiguous copies (fast) instead of kW-float pieces.
+- For stride 1 each row is one run of memory: reading the padded image as a
+  flat array of rows of width Wp, the pixels (i, j) and (i, j + 1) of a patch
+  row are neighbours, so the output is computed on rows of width Wp and the
+  Wp - Wo extra columns (patches that wrap into the next row) are dropped.
+- Images go through in chunks so the patch matrix stays in cache and the
+  memory never holds it for the whole batch (about 9x the input).
 
 `conv2d_reference` (direct loops over the kernel) is the readable version and
 the tests' oracle.
 """
+from .. import backend
 from ..backend import get_array_module
+
+# Bytes of patch matrix per chunk of images: a few MB keeps it in the CPU's
+# L2/L3 while the matrix product reads it; a GPU wants few, large products.
+_CHUNK_BYTES = {"cpu": 4 << 20, "cuda": 256 << 20}
 
 
 def _pad(x, padding):
@@ -27,13 +44,28 @@ def output_size(size, k, stride, padding):
     return (size + 2 * padding - k) // stride + 1
 
 
-def _patches(x_pad, kh, kw, stride, Ho, Wo):
-    """im2col: a (B*Ho*Wo, C*kh*kw) matrix, one row per output pixel."""
-    xp = get_array_module(x_pad)
-    B, C = x_pad.shape[:2]
-    windows = xp.lib.stride_tricks.sliding_window_view(x_pad, (kh, kw), axis=(2, 3))
-    windows = windows[:, :, ::stride, ::stride][:, :, :Ho, :Wo]    # (B, C, Ho, Wo, kh, kw)
-    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(B * Ho * Wo, C * kh * kw)
+def _patch_view(x, kh, kw, stride, padding, Ho, Wo):
+    """A strided view (C, kh, kw, B, Ho, row) of the patches, no copy; `row` >= Wo.
+
+    For stride 1, row = Wp and the last two axes are one flat run of Ho*Wp
+    values (the extra columns are garbage to drop); otherwise row = Wo.
+    """
+    xp = get_array_module(x)
+    B, C, H, W = x.shape
+    Hp, Wp = H + 2 * padding, W + 2 * padding
+    # One spare zero row below: the flat runs of the last patch row read kw-1 past the end.
+    x_pad = xp.zeros((B, C, Hp + 1, Wp), dtype=x.dtype)
+    x_pad[:, :, padding:padding + H, padding:padding + W] = x
+    sb, sc, sh, sw = x_pad.strides
+    row = Wp if stride == 1 else Wo
+    view = xp.lib.stride_tricks.as_strided(
+        x_pad, (C, kh, kw, B, Ho, row), (sc, sh, sw, sb, stride * sh, stride * sw))
+    return view, row
+
+
+def _chunk(B, rows_per_image, itemsize, x):
+    per_image = rows_per_image * itemsize
+    return max(1, min(B, _CHUNK_BYTES[backend.device_of(x)] // max(1, per_image)))
 
 
 def conv2d_forward(x, w, stride=1, padding=0):
@@ -45,9 +77,19 @@ def conv2d_forward(x, w, stride=1, padding=0):
     if kh == kw == 1 and stride == 1 and padding == 0:
         # A 1x1 convolution is a matrix product over the channel axis.
         return xp.matmul(w.reshape(O, C), x.reshape(B, C, H * W)).reshape(B, O, H, W)
-    cols = _patches(_pad(x, padding), kh, kw, stride, Ho, Wo)          # (B*Ho*Wo, C*kh*kw)
-    y = cols @ w.reshape(O, C * kh * kw).T                              # (B*Ho*Wo, O)
-    return xp.ascontiguousarray(y.reshape(B, Ho, Wo, O).transpose(0, 3, 1, 2))
+    view, row = _patch_view(x, kh, kw, stride, padding, Ho, Wo)
+    K = C * kh * kw
+    w2 = w.reshape(O, K)
+    y = xp.empty((B, O, Ho, Wo), dtype=x.dtype)
+    nb = _chunk(B, K * Ho * row, x.itemsize, x)
+    cols = xp.empty((C, kh, kw, nb, Ho, row), dtype=x.dtype)
+    for b0 in range(0, B, nb):
+        n = min(nb, B - b0)
+        c = cols[:, :, :, :n]
+        c[...] = view[:, :, :, b0:b0 + n]                               # im2col of n images
+        yc = xp.matmul(w2, c.reshape(K, n * Ho * row))                  # (O, n*Ho*row)
+        y[b0:b0 + n] = yc.reshape(O, n, Ho, row)[:, :, :, :Wo].transpose(1, 0, 2, 3)
+    return y
 
 
 def conv2d_backward(grad, x, w, stride=1, padding=0, need_x=True, need_w=True):
@@ -65,20 +107,47 @@ def conv2d_backward(grad, x, w, stride=1, padding=0, need_x=True, need_w=True):
             dx = xp.matmul(w.reshape(O, C).T, g).reshape(x.shape)
         return dx, dw
 
-    g = grad.transpose(0, 2, 3, 1).reshape(B * Ho * Wo, O)             # one row per output pixel
+    if need_x and stride == 1 and kh == kw and padding <= kh - 1:
+        # Each input pixel gathers dL/dy from the outputs whose patches held it: a
+        # full convolution of dL/dy with the weights flipped and C_in/C_out swapped
+        # (square kernels only, since conv2d_forward pads both sides alike).
+        w_flip = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)               # (C, O, kh, kw)
+        dx = conv2d_forward(grad, xp.ascontiguousarray(w_flip), 1, kh - 1 - padding)
+    if not need_w and (dx is not None or not need_x):
+        return dx, dw
+
+    K = C * kh * kw
+    view, row = _patch_view(x, kh, kw, stride, padding, Ho, Wo)
+    nb = _chunk(B, K * Ho * row, x.itemsize, x)
+    cols = xp.empty((C, kh, kw, nb, Ho, row), dtype=x.dtype)
+    # dL/dy in the patch matrix's column order; the extra columns stay zero so
+    # that the garbage patches they stand for contribute nothing to dw.
+    g_rows = xp.zeros((O, nb, Ho, row), dtype=grad.dtype)
+    w2 = w.reshape(O, K)
     if need_w:
-        cols = _patches(_pad(x, padding), kh, kw, stride, Ho, Wo)
-        dw = (g.T @ cols).reshape(w.shape)
-    if need_x:
-        dcols = (g @ w.reshape(O, C * kh * kw)).reshape(B, Ho, Wo, C, kh, kw)
+        dw = xp.zeros((O, K), dtype=grad.dtype)
+    if need_x and dx is None:
         dx_pad = xp.zeros((B, C, H + 2 * padding, W + 2 * padding), dtype=grad.dtype)
-        for u in range(kh):
-            for v in range(kw):
-                # Every output pixel (i, j) read input pixel (s*i+u, s*j+v) with weight offset (u, v).
-                dx_pad[:, :, u:u + stride * Ho:stride, v:v + stride * Wo:stride] += \
-                    dcols[:, :, :, :, u, v].transpose(0, 3, 1, 2)
-        dx = dx_pad[:, :, padding:padding + H, padding:padding + W]
-        dx = xp.ascontiguousarray(dx)
+    for b0 in range(0, B, nb):
+        n = min(nb, B - b0)
+        g = g_rows[:, :n]
+        g[:, :, :, :Wo] = grad[b0:b0 + n].transpose(1, 0, 2, 3)
+        g2 = g.reshape(O, n * Ho * row)
+        if need_w:
+            c = cols[:, :, :, :n]
+            c[...] = view[:, :, :, b0:b0 + n]
+            dw += xp.matmul(g2, c.reshape(K, n * Ho * row).T)
+        if need_x and dx is None:
+            dcols = xp.matmul(w2.T, g2).reshape(C, kh, kw, n, Ho, row)
+            for u in range(kh):
+                for v in range(kw):
+                    # Output pixel (i, j) read input pixel (s*i+u, s*j+v) at offset (u, v).
+                    dx_pad[b0:b0 + n, :, u:u + stride * Ho:stride, v:v + stride * Wo:stride] += \
+                        dcols[:, u, v, :, :, :Wo].transpose(1, 0, 2, 3)
+    if need_x and dx is None:
+        dx = dx_pad[:, :, padding:padding + H, padding:padding + W].copy()
+    if need_w:
+        dw = dw.reshape(w.shape)
     return dx, dw
 
 
