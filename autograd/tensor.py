@@ -239,7 +239,7 @@ class Tensor:
                 if node.grad is None:
                     # A gradient the walk did not make may be shared with another
                     # tensor's; copy it so in-place updates of one never touch the other.
-                    node.grad = g if id(g) in owned else g.copy()
+                    node.grad = g if id(g) in owned else backend.get_array_module(g).array(g)
                 else:
                     node.grad += g
                 owned.discard(id(g))
@@ -256,12 +256,14 @@ class Tensor:
                     raise RuntimeError(f"{type(ctx).__name__}.backward returned a gradient of shape "
                                        f"{tuple(ig.shape)} for an input of shape {tuple(inp.shape)}")
                 key = id(inp)
-                if key not in pending:
+                previous = pending.get(key)
+                if previous is None:
                     pending[key] = ig
-                elif key in owned:
-                    pending[key] += ig
-                else:
-                    total = pending[key] + ig
+                elif id(previous) in owned:   # our own buffer: add in place
+                    previous += ig
+                else:                          # maybe shared with another op: add into a new one
+                    # (asarray: NumPy turns 0-d results into scalars, which += cannot update)
+                    total = backend.get_array_module(ig).asarray(previous + ig)
                     pending[key] = total
                     owned.add(id(total))
             node._ctx = _FREED
@@ -419,10 +421,14 @@ class Pow(Function):
         self.c = exponent
 
     def forward(self, a):
+        if a.dtype.kind == "f":   # a NumPy float64 exponent must not upcast float32
+            self.c = a.dtype.type(self.c)
         self.a = a
         return a ** self.c
 
     def backward(self, grad):
+        if self.c == 0:           # a^0 = 1 everywhere; c a^(c-1) would be 0 * inf at a = 0
+            return grad * 0
         return grad * (self.c * self.a ** (self.c - 1))
 
 
@@ -512,6 +518,8 @@ def matmul(a, b):
                          f"got shapes {tuple(a.shape)} and {tuple(b.shape)}")
     if a.shape[-1] != b.shape[-2 if b.ndim > 1 else 0]:
         raise ValueError(f"matmul: shapes {tuple(a.shape)} and {tuple(b.shape)} do not align")
+    if a.ndim == 1 and b.ndim == 1:
+        return matmul(a.reshape(1, -1), b.reshape(-1, 1)).reshape(())
     if a.ndim == 1:
         return matmul(a.reshape(1, -1), b).reshape(b.shape[:-2] + b.shape[-1:])
     if b.ndim == 1:

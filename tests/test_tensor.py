@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from autograd import Function, Tensor, backend, is_grad_enabled, no_grad
-from helpers import NUMPY2, case, check_float32, check_forward, check_gradient, randn
+from helpers import case, check_float32, check_forward, check_gradient, randn
 
 
 def same(id, expr, *shapes, positive=False, marks=()):
@@ -38,10 +38,6 @@ C4 = np.linspace(-1.5, 2.0, 4)
 P4 = np.linspace(0.5, 2.0, 4)
 M23 = np.arange(6.0).reshape(2, 3) / 5 - 0.4
 MASK34 = np.arange(12).reshape(3, 4) % 3 == 1
-
-MATMUL_VECTOR_BUG = pytest.mark.xfail(
-    strict=True, reason="BUG: autograd.tensor.matmul reshapes a 1-D @ 1-D product to "
-                        "b.shape[-1:] instead of () and raises ValueError")
 
 CASES = [
     # + - * / with broadcasting both ways
@@ -84,7 +80,7 @@ CASES = [
     same("matmul batch broadcast", lambda a, b: a @ b, (2, 1, 3, 4), (3, 4, 5)),
     same("matmul vector @ matrix", lambda a, b: a @ b, (4,), (4, 5)),
     same("matmul matrix @ vector", lambda a, b: a @ b, (3, 4), (4,)),
-    same("matmul vector @ vector", lambda a, b: a @ b, (4,), (4,), marks=MATMUL_VECTOR_BUG),
+    same("matmul vector @ vector", lambda a, b: a @ b, (4,), (4,)),
     same("array @ x", lambda a: M23 @ a, (3, 4)),
     # element-wise functions
     case("exp", lambda a: a.exp(), np.exp, (3, 4)),
@@ -175,8 +171,6 @@ def test_maximum_gives_a_tie_to_the_first_input():
     np.testing.assert_array_equal(b.grad, np.zeros(3))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: Pow.backward computes c * a ** (c - 1), which for c = 0 at a = 0 is 0 * inf = nan"))
 def test_x_to_the_power_0_has_gradient_0_everywhere():
     x = Tensor(np.array([0.0, 2.0]), requires_grad=True)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -333,11 +327,6 @@ GRAPH_STEPS = [lambda a, b: a + b, lambda a, b: a * b, lambda a, b: -a,
                lambda a, b: a.reshape(3, 1).reshape(3)]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: Tensor.backward tests `key in owned` with key = id(tensor) while `owned` holds "
-    "array ids, so a third contribution drops a walk-made total without discarding its id; "
-    "CPython reuses that id for a later array (e.g. Sum's read-only broadcast_to view) and the "
-    "leaf keeps it uncopied as .grad: read-only, stride 0, so the next `grad +=` raises"))
 def test_leaf_grads_stay_writable_arrays_of_their_own_in_random_graphs():
     # Many small graphs that reuse tensors, reduce them and broadcast them back.
     # A wrong leaf gradient depends on which memory CPython reuses, so it takes many graphs to show.
@@ -385,11 +374,6 @@ def test_zero_d_and_size_one_tensors():
 # dtypes: float32 stays float32
 # =============================================================================
 
-POW_FLOAT64_BUG = pytest.mark.xfail(
-    NUMPY2, strict=True, reason="BUG: Tensor.__pow__/Pow keep a NumPy float64 exponent as is, "
-                        "so x ** np.float64(2) upcasts a float32 graph to float64")
-
-
 @pytest.mark.parametrize("expr", [
     pytest.param(lambda x: x * np.float64(2), id="x * np.float64"),
     pytest.param(lambda x: np.float64(2) * x, id="np.float64 * x"),
@@ -398,7 +382,7 @@ POW_FLOAT64_BUG = pytest.mark.xfail(
     pytest.param(lambda x: x - np.ones(4), id="x - float64 array"),
     pytest.param(lambda x: 2.0 / x, id="scalar / x"),
     pytest.param(lambda x: x ** 2.0, id="x ** python float"),
-    pytest.param(lambda x: x ** np.float64(2), id="x ** np.float64", marks=POW_FLOAT64_BUG),
+    pytest.param(lambda x: x ** np.float64(2), id="x ** np.float64"),
     pytest.param(lambda x: x.maximum(np.float64(0)), id="maximum np.float64"),
     pytest.param(lambda x: x @ np.ones((4, 2)), id="x @ float64 array"),
     pytest.param(lambda x: x.mean() * 3, id="mean times int"),
