@@ -17,7 +17,6 @@ from autograd import Tensor
 
 # NumPy 2 no longer lets a float64 scalar's value decide a result's dtype (NEP 50),
 # and prints NumPy integers as np.int64(1): some dtype and message bugs show only there.
-NUMPY2 = np.lib.NumpyVersion(np.__version__) >= "2.0.0"
 
 # Tolerances of the element-by-element check: central differences with step
 # 1e-6 are accurate to ~1e-10 in float64, so 1e-6 absolute plus 1e-4 relative
