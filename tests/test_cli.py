@@ -69,20 +69,37 @@ def test_train_then_sample_on_mnist(cache_env, tmp_path):
         assert im.size == (11 * 30 + 2, 5 * 30 + 2)
 
 
-def test_sampling_is_determined_by_the_seed(private_cache, tmp_path, monkeypatch):
-    # A model of a few thousand parameters: sampling works the same for any preset.
+@pytest.fixture
+def micro_checkpoint(private_cache, tmp_path, monkeypatch):
+    """A checkpoint of a model with a few thousand parameters, 2 steps into training."""
     monkeypatch.setitem(unet.PRESETS, "micro", dict(ch=8, ch_mult=(1, 2), num_res_blocks=1,
                                                     attn_resolutions=(), dropout=0.0, num_groups=4))
     run = tmp_path / "run"
-    assert main(["train", "--preset", "micro", "--steps", "1", "--batch-size", "1", "--out", str(run),
-                 "--sample-n", "1", "--sample-steps", "1"]) == 0
-    draws = []
-    for seed in (0, 0, 1):
-        out = tmp_path / f"s{len(draws)}.npz"
-        assert main(["sample", str(run / "checkpoint.npz"), "--n", "2", "--steps", "3", "--seed", str(seed),
-                     "--sampler", "ddim", "--eta", "1", "--npz", str(out)]) == 0
-        draws.append(np.load(out)["samples"])
-    assert np.array_equal(draws[0], draws[1]) and not np.array_equal(draws[0], draws[2])
+    assert main(["train", "--preset", "micro", "--steps", "2", "--batch-size", "1", "--out", str(run),
+                 "--lr", "0.01", "--warmup", "0", "--ema-decay", "0.5", "--sample-n", "1",
+                 "--sample-steps", "1"]) == 0
+    return run / "checkpoint.npz"
+
+
+def draw(checkpoint, out, *options):
+    assert main(["sample", str(checkpoint), "--n", "2", "--steps", "3", "--npz", str(out), *options]) == 0
+    return np.load(out)["samples"]
+
+
+def test_samples_are_determined_by_the_seed_and_the_weights(micro_checkpoint, tmp_path):
+    ddim = ("--sampler", "ddim", "--eta", "1")
+    first = draw(micro_checkpoint, tmp_path / "a.npz", "--seed", "0", *ddim)
+    assert np.array_equal(first, draw(micro_checkpoint, tmp_path / "b.npz", "--seed", "0", *ddim))
+    assert not np.array_equal(first, draw(micro_checkpoint, tmp_path / "c.npz", "--seed", "1", *ddim))
+    assert not np.array_equal(first, draw(micro_checkpoint, tmp_path / "d.npz", "--seed", "0", "--no-ema", *ddim))
+    assert not np.array_equal(first, draw(micro_checkpoint, tmp_path / "e.npz", "--seed", "0"))
+
+
+def test_sample_refuses_more_steps_than_the_checkpoint_has(micro_checkpoint, capsys):
+    out = micro_checkpoint.parent / "x.npz"
+    assert main(["sample", str(micro_checkpoint), "--steps", "1001", "--npz", str(out)]) == 2
+    assert not out.exists()
+    assert "steps must be between 1 and T = 1000" in capsys.readouterr().err
 
 
 def test_a_user_error_is_one_line_without_traceback_from_python_m(cache_env, tmp_path):

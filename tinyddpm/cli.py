@@ -121,7 +121,7 @@ def add_sample_arguments(parser):
     parser.add_argument("--eta", type=float, default=None,
                         help="DDIM's noise: 0 deterministic, 1 like ancestral (default 0; ddim only)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default 0)")
-    parser.add_argument("--batch-size", type=int, default=None, help="samples per network call (default: all)")
+    parser.add_argument("--batch-size", type=int, default=None, help="samples per network call (default 256)")
     parser.add_argument("--out", metavar="GRID.png", default=None,
                         help="PNG grid of the samples (default samples.png, unless only --npz is given)")
     parser.add_argument("--npz", metavar="FILE.npz", default=None,
@@ -166,7 +166,7 @@ def run_sample(args):
     import numpy as np
 
     from tinyddpm.images import save_grid, save_trajectory
-    from tinyddpm.sample import sample_checkpoint
+    from tinyddpm.sample import SampleError, sample_checkpoint
 
     _check_sample_args(args)
     trajectory = None
@@ -182,7 +182,7 @@ def run_sample(args):
                                    eta=args.eta or 0.0, seed=args.seed, batch_size=args.batch_size,
                                    use_ema=args.ema, device=args.device, progress=progress,
                                    trajectory=trajectory)
-    except ValueError as exc:
+    except SampleError as exc:
         # sample_checkpoint checks what only the checkpoint can tell (e.g. --steps against T).
         raise UsageError(f"tinyddpm sample: error: {exc}") from None
     finally:

@@ -23,9 +23,14 @@ from tinyddpm.checkpoint import load_checkpoint
 from tinyddpm.train import build_diffusion, build_model
 
 SAMPLERS = ("ancestral", "ddim")
+DEFAULT_BATCH_SIZE = 256       # bounds the activations' memory when thousands of samples are asked for
 DDIM_DEFAULT_STEPS = 50        # DDIM's point is few steps; 50 is where its samples settle (Song et al., Table 1)
 TRAJECTORY_SAMPLES = 8         # rows of a trajectory picture
 TRAJECTORY_SNAPSHOTS = {"strip": 10, "gif": 50}
+
+
+class SampleError(ValueError):
+    """Sampling arguments that cannot work with this checkpoint (e.g. more steps than T)."""
 
 
 @dataclass
@@ -52,24 +57,25 @@ def sample_checkpoint(checkpoint_path, n, steps=None, sampler="ancestral", eta=0
     """Draw n samples from a checkpoint; returns a `Sampled`.
 
     steps: reverse steps (respaced); default all T for ancestral, 50 for DDIM.
-    batch_size: samples per network call (default all n at once).
+    batch_size: samples per network call (default DEFAULT_BATCH_SIZE); the
+        samples of a seed depend on it, since each batch draws in turn.
     progress: None, or a callable called once per reverse step of each batch.
     trajectory: None, "strip" or "gif": also keep x_t of the first few samples
         at evenly spaced times (10 for a strip, 50 for a GIF).
     The result depends only on the checkpoint, the arguments and `seed`.
     """
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        raise SampleError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+        raise SampleError(f"n must be >= 1, got {n}")
     model, diffusion, checkpoint = load_model(checkpoint_path, use_ema, device)
     if steps is None:
         steps = diffusion.T if sampler == "ancestral" else min(DDIM_DEFAULT_STEPS, diffusion.T)
     if not 1 <= steps <= diffusion.T:
-        raise ValueError(f"steps must be between 1 and T = {diffusion.T}, got {steps}")
-    batch_size = n if batch_size is None else batch_size
+        raise SampleError(f"steps must be between 1 and T = {diffusion.T}, got {steps}")
+    batch_size = min(n, DEFAULT_BATCH_SIZE) if batch_size is None else batch_size
     if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        raise SampleError(f"batch size must be >= 1, got {batch_size}")
 
     rng = backend.default_rng(seed, device)
     size = checkpoint.config.image_size

@@ -385,6 +385,9 @@ def train(plan, reporter=None):
     preview = _Previewer(config, model, ema, diffusion, out, reporter)
     interval = {"loss": 0.0, "grad_norm": 0.0, "steps": 0, "seconds": 0.0}
     step = start
+    reporter.note(f"{'resuming' if start else 'training'} {config.preset} ({model.num_parameters():,} "
+                  f"parameters) on {device}: steps {start + 1}..{config.steps} at batch {config.batch_size}, "
+                  f"writing to {out}")
     reporter.begin(start, config.steps)
     try:
         with StopRequest() as stop:
