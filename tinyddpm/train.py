@@ -353,8 +353,6 @@ def train(plan, reporter=None):
     config, out = plan.config, plan.out_dir
     reporter = reporter if reporter is not None else Reporter()
     device, start = config.device, plan.start_step
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG).write_text(config.to_json() + "\n")
 
     model = build_model(config, config.seed).to(device)
     model.train()
@@ -369,6 +367,8 @@ def train(plan, reporter=None):
         stored_rng = plan.checkpoint.rng_state
         batches.seek(stored_rng["data"])
     noise_rng = _noise_and_dropout_rngs(config, stored_rng if device == "cpu" else None, start)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG).write_text(config.to_json() + "\n")
 
     saved = {"step": start if plan.checkpoint is not None else None}
 
@@ -396,7 +396,9 @@ def train(plan, reporter=None):
                 x0 = backend.to_device(batches.next(), device)           # the one transfer of the step
                 optimizer.lr = learning_rate(config, step + 1)
                 loss = diffusion.loss(model, x0, noise_rng)
-                loss_value = float(loss.data)                              # the one host sync of the step
+                # Reading the loss on the host waits for the GPU: the price of catching a NaN at
+                # once. clip_grad_norm's total norm is the step's only other host sync.
+                loss_value = float(loss.data)
                 if not math.isfinite(loss_value):
                     return _diverged("loss", loss_value, step + 1, out, saved["step"])
                 optimizer.zero_grad()
