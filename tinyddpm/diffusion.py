@@ -43,9 +43,24 @@ def extract(a, t, x):
     a: a float64 NumPy table (T,); t: int array (B,); x: array or Tensor (B, ...).
     """
     data = _array(x)
-    rows = a[backend.to_numpy(t)].astype(data.dtype)
-    rows = rows.reshape((len(rows),) + (1,) * (data.ndim - 1))        # (B, 1, ..., 1)
-    return backend.to_device(rows, backend.device_of(data))
+    rows = backend.to_device(take(a, t).astype(data.dtype), backend.device_of(data))
+    return rows.reshape((len(rows),) + (1,) * (data.ndim - 1))        # (B, 1, ..., 1)
+
+
+# Device copies of the (small, long-lived) schedule tables, made once each, so
+# that indexing them by a GPU array of timesteps never copies t to the host:
+# inside a training step the only host synchronization left is the loss.
+_device_tables = {}
+
+
+def take(table, t):
+    """table[t] for a NumPy table and int timesteps t, on t's device."""
+    if not backend.is_cuda_array(t):
+        return table[t]
+    cached = _device_tables.get(id(table))
+    if cached is None or cached[0] is not table:
+        cached = _device_tables[id(table)] = (table, backend.to_device(table, "cuda"))
+    return cached[1][t]
 
 
 def _array(x):
@@ -144,7 +159,7 @@ class GaussianDiffusion:
     def model_eps(self, model, x_t, t):
         """model(x_t, t) as a Tensor; the model sees the original chain's timesteps, timestep_map[t]."""
         x = x_t if isinstance(x_t, Tensor) else Tensor(x_t)
-        out = model(x, backend.to_device(self.timestep_map[backend.to_numpy(t)], x.device))
+        out = model(x, backend.to_device(take(self.timestep_map, t), x.device))
         if not isinstance(out, Tensor) or out.shape != x.shape:
             raise ValueError(f"the model must return a Tensor of the input's shape {tuple(x.shape)}, "
                              f"got {type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
