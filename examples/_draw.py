@@ -65,7 +65,7 @@ def line_plot(x, series, title, xlabel, ylabel, size=(560, 340), pad=50):
     draw = ImageDraw.Draw(image)
     left, top, right, bottom = pad, 30, w - 20, h - pad
     draw.rectangle([left, top, right, bottom], outline="black")
-    draw.text((left, 8), title, fill="black", font=font)
+    draw.text(((left + right - draw.textlength(title, font=font)) // 2, 8), title, fill="black", font=font)
     draw.text(((left + right) // 2 - 10, h - 22), xlabel, fill="black", font=font)
     draw.text((4, top - 18), ylabel, fill="black", font=font)
     x = np.asarray(x, dtype=np.float64)
@@ -73,14 +73,22 @@ def line_plot(x, series, title, xlabel, ylabel, size=(560, 340), pad=50):
     sy = lambda v: bottom - v * (bottom - top)                                  # noqa: E731
     for tick in (0.0, 0.5, 1.0):
         draw.text((8, sy(tick) - 6), f"{tick:.1f}", fill="black", font=font)
-    for tick in np.linspace(x.min(), x.max(), 5):
-        draw.text((sx(tick) - 8, bottom + 4), f"{tick:.0f}", fill="black", font=font)
+    for tick in _nice_ticks(x.min(), x.max()):
+        draw.text((sx(tick) - 8, bottom + 4), f"{tick:g}", fill="black", font=font)
     for k, (label, y, color) in enumerate(series):
         y = np.asarray(y, dtype=np.float64)
         draw.line(list(zip(sx(x).tolist(), sy(y).tolist())), fill=color, width=2)
         draw.line([right - 150, top + 14 + 16 * k, right - 125, top + 14 + 16 * k], fill=color, width=2)
         draw.text((right - 120, top + 7 + 16 * k), label, fill="black", font=font)
     return image
+
+
+def _nice_ticks(lo, hi, n=4):
+    """Round tick values (multiples of 1, 2, 2.5 or 5 times a power of ten) in [lo, hi]."""
+    raw = (hi - lo) / n
+    power = 10 ** np.floor(np.log10(raw))
+    step = min((m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw), default=10 * power)
+    return np.arange(np.ceil(lo / step) * step, hi + 1e-9, step)
 
 
 def image_row(images, titles, scale=4, pad=4, label_height=16):
