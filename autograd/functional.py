@@ -243,12 +243,14 @@ class GroupNorm(Function):
         self.num_groups, self.eps = num_groups, eps
 
     def forward(self, x, weight, bias):
-        self.weight = weight
-        y, self.xhat, self.rstd = norm_k.group_norm_forward(x, self.num_groups, weight, bias, self.eps)
+        self.x, self.weight = x, weight
+        y, self.mean, self.rstd = norm_k.group_norm_fused_forward(x, self.num_groups, weight, bias,
+                                                                  self.eps)
         return y
 
     def backward(self, grad):
-        return norm_k.group_norm_backward(grad, self.xhat, self.rstd, self.num_groups, self.weight)
+        return norm_k.group_norm_fused_backward(grad, self.x, self.mean, self.rstd, self.num_groups,
+                                                self.weight)
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
