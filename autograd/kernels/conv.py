@@ -176,6 +176,20 @@ def upsample_nearest2d_forward(x, scale):
 
 
 def upsample_nearest2d_backward(grad, scale):
-    """Each input pixel was copied to a block, so its gradient is the block's sum."""
+    """Each input pixel was copied to a block, so its gradient is the block's sum.
+
+    Summed as scale^2 strided views added into one array: a reduction over the
+    two short block axes (`.sum(axis=(3, 5))`) is several times slower on a CPU.
+    """
+    g = grad[:, :, 0::scale, 0::scale].copy()
+    for i in range(scale):
+        for j in range(scale):
+            if i or j:
+                g += grad[:, :, i::scale, j::scale]
+    return g
+
+
+def upsample_nearest2d_backward_reference(grad, scale):
+    """The same sum written as a reduction over each block."""
     B, C, Hs, Ws = grad.shape
     return grad.reshape(B, C, Hs // scale, scale, Ws // scale, scale).sum(axis=(3, 5))
