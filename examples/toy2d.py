@@ -27,10 +27,12 @@ import sys
 import time
 from pathlib import Path
 
-# The matrices here are small (256 x 64): one BLAS thread is faster than several,
-# and many times faster when other programs share the cores. Set before NumPy loads.
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+if __name__ == "__main__":
+    # The matrices here are small (1024 x 64): one BLAS thread is as fast as several,
+    # and many times faster when other programs share the cores. It must be set before
+    # NumPy loads, and only for this script (not for a program that imports it).
+    for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
 
 import numpy as np  # noqa: E402
 
