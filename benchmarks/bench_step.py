@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from common import emit_json, machine_header, print_table, time_alternating, torch_or_none  # noqa: E402
+from common import emit_json, limit_blas_threads, machine_header, print_table, time_alternating, torch_or_none  # noqa: E402
 
 import autograd  # noqa: E402
 from autograd import backend  # noqa: E402
@@ -283,8 +283,8 @@ def _all_function_classes():
     return found
 
 
-def profile_step(train_step, rounds, sync):
-    """{name: {"calls", "forward_ms", "backward_ms"}} per train step, plus the unaccounted rest."""
+def profile_step(step, rounds, sync):
+    """{name: {"calls", "forward_ms", "backward_ms"}} per step, plus the unaccounted rest."""
     import autograd.optim as optim_mod
     totals = {}
     depth = [0]   # only the outermost timed call counts (Mean.forward calls Sum.forward)
@@ -314,16 +314,16 @@ def profile_step(train_step, rounds, sync):
                 patches.append(wrap(cls, attr, cls.__name__, kind))
     patches.append(wrap(optim_mod.Adam, "step", "Adam.step", "forward_ms"))
     patches.append(wrap(optim_mod.EMA, "update", "EMA.update", "forward_ms"))
-    step_globals = train_step.__globals__
+    step_globals = tinyddpm_steps.__globals__
     original_clip = step_globals["clip_grad_norm"]
     patches.append(wrap(optim_mod, "clip_grad_norm", "clip_grad_norm", "forward_ms"))
     step_globals["clip_grad_norm"] = optim_mod.clip_grad_norm
     try:
-        train_step()   # warm-up under the wrappers
+        step()   # warm-up under the wrappers
         totals.clear()
         t0 = time.perf_counter()
         for _ in range(rounds):
-            train_step()
+            step()
         (sync or (lambda: None))()
         step_ms = 1e3 * (time.perf_counter() - t0) / rounds
     finally:
@@ -354,12 +354,13 @@ def main():
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (OpenBLAS uses all cores)")
+    p.add_argument("--threads", type=int, default=2, help="threads for NumPy's BLAS (via threadpoolctl) and for torch")
     p.add_argument("--compare-torch", action="store_true")
     p.add_argument("--profile", action="store_true", help="print a per-op profile of one train step")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--_memory-child", nargs=2, metavar=("IMPL", "STEP"), help=argparse.SUPPRESS)
     a = p.parse_args()
+    limit_blas_threads(a.threads)
     if a._memory_child:
         return memory_child(*a._memory_child, a.preset, a.batch, a.device, a.threads)
 
@@ -417,13 +418,14 @@ def main():
     print_table(rows, cols)
 
     if a.profile:
-        step_ms, prof = profile_step(impls["tinyddpm"][0], a.rounds, impls["tinyddpm"][3])
-        emit_json({"bench": "step-profile", "preset": a.preset, "batch": a.batch, "step_ms": step_ms,
-                   "ops": prof})
-        print(f"\nprofile of one tinyddpm train step ({step_ms:.0f} ms, mean of {a.rounds}):")
-        print_table(prof, [("op", "op", "{}"), ("calls", "calls", "{:.0f}"),
-                           ("forward_ms", "forward ms", "{:.1f}"), ("backward_ms", "backward ms", "{:.1f}"),
-                           ("total_ms", "total ms", "{:.1f}"), ("share", "share", "{:.0%}")])
+        for which, index in (("train", 0), ("sample", 1)):
+            step_ms, prof = profile_step(impls["tinyddpm"][index], a.rounds, impls["tinyddpm"][3])
+            emit_json({"bench": "step-profile", "step": which, "preset": a.preset, "batch": a.batch,
+                       "step_ms": step_ms, "ops": prof})
+            print(f"\nprofile of one tinyddpm {which} step ({step_ms:.0f} ms, mean of {a.rounds}):")
+            print_table(prof, [("op", "op", "{}"), ("calls", "calls", "{:.0f}"),
+                               ("forward_ms", "forward ms", "{:.1f}"), ("backward_ms", "backward ms", "{:.1f}"),
+                               ("total_ms", "total ms", "{:.1f}"), ("share", "share", "{:.0%}")])
 
 
 if __name__ == "__main__":

@@ -56,6 +56,18 @@ def _cpu_name():
     return platform.processor() or "unknown"
 
 
+def limit_blas_threads(threads):
+    """Set NumPy's BLAS to `threads` threads (needs threadpoolctl; returns False without it)."""
+    try:
+        import threadpoolctl
+    except ImportError:
+        return False
+    import numpy  # noqa: F401  (loads the BLAS first)
+    # Kept referenced for the life of the process: the limit lasts as long as the object.
+    limit_blas_threads.keep = threadpoolctl.threadpool_limits(threads, user_api="blas")
+    return True
+
+
 def torch_or_none(threads):
     """PyTorch set to `threads` CPU threads, or None when it is not importable."""
     try:
@@ -66,12 +78,14 @@ def torch_or_none(threads):
     return torch
 
 
-def time_alternating(fns, rounds, warmup=2, sync=None):
+def time_alternating(fns, rounds, warmup=2, sync=None, pause=0.05):
     """Median seconds of each function in `fns` (a dict name -> callable).
 
     Every round runs each function once, in turn, so that drifts of the
     machine's speed fall on all of them alike. `sync` (optional) is called
-    before each clock read, for asynchronous devices.
+    before each clock read, for asynchronous devices. A short untimed `pause`
+    before each call lets the thread pool of the previous one (OpenMP's,
+    OpenBLAS's) stop spinning, so it does not steal cores from the next.
     """
     sync = sync or (lambda: None)
     for fn in fns.values():
@@ -81,6 +95,7 @@ def time_alternating(fns, rounds, warmup=2, sync=None):
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            time.sleep(pause)
             t0 = time.perf_counter()
             fn()
             sync()
