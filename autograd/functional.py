@@ -265,8 +265,8 @@ class GroupNorm(Function):
 
     def forward(self, x, weight, bias):
         self.x, self.weight = x, weight
-        y, self.mean, self.rstd = norm_k.group_norm_fused_forward(x, self.num_groups, weight, bias,
-                                                                  self.eps)
+        y, self.mean, self.rstd, _ = norm_k.group_norm_fused_forward(x, self.num_groups, weight, bias,
+                                                                     self.eps)
         return y
 
     def backward(self, grad):
@@ -274,23 +274,60 @@ class GroupNorm(Function):
                                                 self.weight)
 
 
-def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
-    """Normalize each group of C/num_groups channels of each example; x (B, C, ...)."""
+class GroupNormSiLU(Function):
+    """silu(group_norm(x)) as one op: every GroupNorm of a ResBlock (and the
+    UNet's last one) is followed by SiLU.
+
+    Same value and gradients as `silu(group_norm(x, ...))` (the tests' oracle),
+    in fewer passes over memory, a few images at a time (`kernels/norm.py`).
+    Saves x, the output y, t = tanh(z / 2) of the normalized map z and the
+    (B, G) statistics: one full-size array besides x and y, where the pair
+    of ops saves two (the normalized map and its sigmoid).
+    """
+
+    def __init__(self, num_groups, eps):
+        self.num_groups, self.eps = num_groups, eps
+
+    def forward(self, x, weight, bias):
+        self.x, self.weight = x, weight
+        y, self.mean, self.rstd, self.t = norm_k.group_norm_fused_forward(
+            x, self.num_groups, weight, bias, self.eps, silu=True)
+        self.y = y      # no op writes into its input, so the output can be kept as is
+        return y
+
+    def backward(self, grad):
+        return norm_k.group_norm_fused_backward(grad, self.x, self.mean, self.rstd, self.num_groups,
+                                                self.weight, self.y, self.t)
+
+
+def _group_norm_args(op, x, num_groups, weight, bias):
+    """Checked (x, weight, bias) Tensors; weight 1 and bias 0 when not given."""
     x = _as_tensor(x)
     if x.ndim < 2:
-        raise ValueError(f"group_norm: expected (B, C, ...), got {_shape(x)}")
+        raise ValueError(f"{op}: expected (B, C, ...), got {_shape(x)}")
     C = x.shape[1]
     if num_groups < 1 or C % num_groups != 0:
-        raise ValueError(f"group_norm: {C} channels of input {_shape(x)} cannot be split "
+        raise ValueError(f"{op}: {C} channels of input {_shape(x)} cannot be split "
                          f"into {num_groups} groups")
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and _shape(p) != (C,):
-            raise ValueError(f"group_norm: {name} {_shape(p)} does not fit {C} channels of {_shape(x)}")
+            raise ValueError(f"{op}: {name} {_shape(p)} does not fit {C} channels of {_shape(x)}")
     # Without an affine transform the op is the same with weight 1 and bias 0.
     weight = _as_tensor(weight) if weight is not None else Tensor(x.xp.ones(C, dtype=x.dtype))
     bias = _as_tensor(bias) if bias is not None else Tensor(x.xp.zeros(C, dtype=x.dtype))
-    _check_float_dtypes("group_norm", x, weight, bias)
-    return GroupNorm(num_groups, eps)(x, weight, bias)
+    _check_float_dtypes(op, x, weight, bias)
+    return x, weight, bias
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
+    """Normalize each group of C/num_groups channels of each example; x (B, C, ...)."""
+    return GroupNorm(num_groups, eps)(*_group_norm_args("group_norm", x, num_groups, weight, bias))
+
+
+def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5):
+    """silu(group_norm(x, num_groups, weight, bias, eps)), fused into one op."""
+    return GroupNormSiLU(num_groups, eps)(*_group_norm_args("group_norm_silu", x, num_groups,
+                                                            weight, bias))
 
 
 # =============================================================================

@@ -52,9 +52,10 @@ class ResBlock(nn.Module):
 
     def forward(self, x, temb):
         B, C, H, W = x.shape
-        h = self.conv1(F.silu(self.norm1(x)))
+        n1, n2 = self.norm1, self.norm2
+        h = self.conv1(F.group_norm_silu(x, n1.num_groups, n1.weight, n1.bias, n1.eps))
         h = h + self.temb_proj(F.silu(temb)).reshape(B, -1, 1, 1)      # same shift at every pixel
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv2(self.dropout(F.group_norm_silu(h, n2.num_groups, n2.weight, n2.bias, n2.eps)))
         return (x if self.skip is None else self.skip(x)) + h
 
 
@@ -148,7 +149,8 @@ class UNet(nn.Module):
             else:
                 h = self._stage(layer, F.concat([h, hs.pop()], axis=1), temb)
         assert not hs, "every skip connection is used exactly once"
-        return self.conv_out(F.silu(self.norm_out(h)))                     # (B, C, H, W)
+        n = self.norm_out
+        return self.conv_out(F.group_norm_silu(h, n.num_groups, n.weight, n.bias, n.eps))   # (B, C, H, W)
 
     @staticmethod
     def _stage(stage, h, temb):

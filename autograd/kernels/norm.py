@@ -29,7 +29,7 @@ temporaries, which is what these element-wise ops cost on a CPU:
       alpha = rstd w,   beta = -rstd^2 mean(dxhat xhat),
       gamma = rstd (mean rstd mean(dxhat xhat) - mean(dxhat)).
 """
-from ..backend import get_array_module
+from ..backend import device_of, get_array_module
 
 
 def group_norm_forward(x, num_groups, weight, bias, eps):
@@ -62,51 +62,129 @@ def group_norm_backward(grad, xhat, rstd, num_groups, weight):
 
 
 # =============================================================================
-# Fused version (what F.group_norm runs)
+# Fused version (what F.group_norm and F.group_norm_silu run)
 # =============================================================================
 
-def group_norm_fused_forward(x, num_groups, weight, bias, eps):
-    """x (B, C, ...), weight and bias (C,) -> y, saved (mean, rstd), each (B, G)."""
+# Bytes of one (images, C, pixels) slice per chunk. The fused kernels go
+# through the batch a few images at a time, since every statistic is per
+# example and a chunk is complete on its own: the per-chunk temporaries are
+# small, reused buffers that stay in a CPU core's L2 cache, where one
+# full-size temporary per step would be a fresh allocation (page faults) and
+# a trip to main memory. Measured 1.3x faster than the whole batch at once
+# at 32 channels, 28x28 (128 KB to 1 MB chunks are alike). A GPU wants one
+# chunk: the whole batch.
+_CHUNK_BYTES = {"cpu": 256 << 10, "cuda": 1 << 40}
+
+
+def _chunk(x3):
+    B, C, S = x3.shape
+    return max(1, min(B, _CHUNK_BYTES[device_of(x3)] // max(1, C * S * x3.itemsize)))
+
+
+def _scale_shift(mean, rstd, weight, bias):
+    """a, c with group_norm(x) = x a + c, per (example, channel): each (n, C, 1)."""
+    n, G = mean.shape
+    a = rstd[:, :, None] * weight.reshape(G, -1)                        # (n, G, C/G)
+    c = bias.reshape(G, -1) - mean[:, :, None] * a
+    return a.reshape(n, -1, 1), c.reshape(n, -1, 1)
+
+
+def group_norm_fused_forward(x, num_groups, weight, bias, eps, silu=False):
+    """x (B, C, ...), weight and bias (C,) -> y, mean and rstd (B, G), t.
+
+    y = group_norm(x), or with silu=True y = silu(group_norm(x)). SiLU of
+    z = group_norm(x) is computed from h = z / 2 (the factor folded into a
+    and c) and t = tanh(h), since sigmoid(z) = (1 + t) / 2:
+        y = z sigmoid(z) = h (1 + t) = h t + h,
+    three passes after the normalization, no overflow. t (None without silu)
+    is what the backward needs besides y: it saves no normalized map.
+    """
     xp = get_array_module(x)
     B, C = x.shape[:2]
     G = num_groups
     f = x.dtype.type
-    xg = x.reshape(B, G, -1)                                            # (B, G, C/G * H * W)
-    n = f(xg.shape[2])
-    mean = xg.sum(axis=2) / n
-    var = xp.einsum("bgn,bgn->bg", xg, xg) / n - mean * mean           # E[x^2] - mean^2, no temporary
-    rstd = 1 / xp.sqrt(xp.maximum(var, f(0)) + f(eps))                 # (B, G)
-    # y = (x - mean) rstd w + b = x a + c, with a and c per (example, channel)
-    a = rstd[:, :, None] * weight.reshape(G, -1)                        # (B, G, C/G)
-    c = bias.reshape(G, -1) - mean[:, :, None] * a
-    x3 = x.reshape(B, C, -1)
-    y = x3 * a.reshape(B, C, 1)
-    y += c.reshape(B, C, 1)
-    return y.reshape(x.shape), mean, rstd
+    x3 = x.reshape(B, C, -1)                                            # (B, C, H*W)
+    n_group = f(x3.shape[2] * (C // G))                                 # values per group
+    y = xp.empty_like(x3)
+    t = xp.empty_like(x3) if silu else None
+    mean, rstd = xp.empty((B, G), dtype=x.dtype), xp.empty((B, G), dtype=x.dtype)
+    nb = _chunk(x3)
+    h_buf = xp.empty((nb,) + x3.shape[1:], dtype=x.dtype) if silu else None
+    for b0 in range(0, B, nb):
+        xc = x3[b0:b0 + nb]                                             # (n, C, H*W)
+        n = xc.shape[0]
+        xg = xc.reshape(n, G, -1)                                       # (n, G, C/G * H*W)
+        m = xg.sum(axis=2) / n_group
+        var = xp.einsum("bgn,bgn->bg", xg, xg) / n_group - m * m       # E[x^2] - mean^2, no temporary
+        r = 1 / xp.sqrt(xp.maximum(var, f(0)) + f(eps))
+        mean[b0:b0 + n], rstd[b0:b0 + n] = m, r
+        # (x - mean) rstd w + b = x a + c, with a and c per (example, channel)
+        a, c = _scale_shift(m, r, weight, bias)
+        if not silu:
+            yc = xp.multiply(xc, a, out=y[b0:b0 + n])
+            yc += c
+            continue
+        half = f(0.5)
+        h = xp.multiply(xc, a * half, out=h_buf[:n])                   # h = z / 2
+        h += c * half
+        tc = xp.tanh(h, out=t[b0:b0 + n])
+        yc = xp.multiply(h, tc, out=y[b0:b0 + n])                       # y = h t + h
+        yc += h
+    return y.reshape(x.shape), mean, rstd, (t.reshape(x.shape) if silu else None)
 
 
-def group_norm_fused_backward(grad, x, mean, rstd, num_groups, weight):
-    """(dx, dweight, dbias) for dL/dy = grad, from the input x and the saved statistics."""
+def group_norm_fused_backward(grad, x, mean, rstd, num_groups, weight, y=None, t=None):
+    """(dx, dweight, dbias) for dL/dy = grad, from the input x and the saved statistics.
+
+    With the forward's output y and t (its silu=True), SiLU's derivative is
+    applied first: with s = sigmoid(z) = (1 + t) / 2,
+        dy/dz = s + z s (1 - s) = s + y (1 - s) = ((1 + y) + t (1 - y)) / 2,
+    four passes from y and t; the 1/2 is folded into the group norm's
+    coefficients below (its backward is linear in dL/dz).
+    """
     xp = get_array_module(grad, x)
     B, C = x.shape[:2]
     G = num_groups
     f = grad.dtype.type
     g3, x3 = grad.reshape(B, C, -1), x.reshape(B, C, -1)
-    n = f(x3.shape[2] * (C // G))                                       # values per group
-    s1 = g3.sum(axis=2).reshape(B, G, -1)                               # sum g      (B, G, C/G)
-    s2 = xp.einsum("bcs,bcs->bc", g3, x3).reshape(B, G, -1)            # sum g x
-    m, r = mean[:, :, None], rstd[:, :, None]
-    g_xhat = r * (s2 - m * s1)                                          # sum g xhat per channel
-    dweight = g_xhat.reshape(B, C).sum(axis=0)
-    dbias = s1.reshape(B, C).sum(axis=0)
+    n_group = f(x3.shape[2] * (C // G))                                 # values per group
+    silu = t is not None
+    scale = f(0.5) if silu else f(1)
     w = weight.reshape(G, -1)
-    mean_dxhat = (w * s1).sum(axis=2, keepdims=True) / n                # mean(dxhat)        (B, G, 1)
-    mean_dxhat_xhat = (w * g_xhat).sum(axis=2, keepdims=True) / n      # mean(dxhat xhat)   (B, G, 1)
-    alpha = (r * w).reshape(B, C, 1)
-    beta = -r * r * mean_dxhat_xhat
-    gamma = r * (m * r * mean_dxhat_xhat - mean_dxhat)
-    dx = g3 * alpha
-    rest = x.reshape(B, G, -1) * beta
-    rest += gamma
-    dx += rest.reshape(B, C, -1)
+    dx = xp.empty_like(x3)
+    dweight, dbias = xp.zeros(C, dtype=grad.dtype), xp.zeros(C, dtype=grad.dtype)
+    nb = _chunk(x3)
+    buf = xp.empty((nb,) + x3.shape[1:], dtype=x.dtype)
+    if silu:
+        y3, t3 = y.reshape(B, C, -1), t.reshape(B, C, -1)
+    for b0 in range(0, B, nb):
+        xc, gc = x3[b0:b0 + nb], g3[b0:b0 + nb]                         # (n, C, H*W)
+        n = xc.shape[0]
+        m, r = mean[b0:b0 + n, :, None], rstd[b0:b0 + n, :, None]       # (n, G, 1)
+        if silu:
+            yc, tc = y3[b0:b0 + n], t3[b0:b0 + n]
+            gz = dx[b0:b0 + n]                                          # 2 dL/dz, overwritten below
+            xp.multiply(yc, tc, out=gz)
+            xp.subtract(tc, gz, out=gz)                                 # t (1 - y)
+            gz += yc
+            gz += f(1)
+            gz *= gc
+        else:
+            gz = gc
+        # The group norm's backward (module docstring) on dL/dz = scale gz: two
+        # reductions per (example, channel), then dx = gz alpha + x beta + gamma.
+        s1 = scale * gz.sum(axis=2).reshape(n, G, -1)                   # sum dL/dz      (n, G, C/G)
+        s2 = scale * xp.einsum("bcs,bcs->bc", gz, xc).reshape(n, G, -1)   # sum dL/dz x
+        g_xhat = r * (s2 - m * s1)                                      # sum dL/dz xhat per channel
+        dweight += g_xhat.reshape(n, C).sum(axis=0)
+        dbias += s1.reshape(n, C).sum(axis=0)
+        mean_dxhat = (w * s1).sum(axis=2, keepdims=True) / n_group      # mean(dxhat)        (n, G, 1)
+        mean_dxhat_xhat = (w * g_xhat).sum(axis=2, keepdims=True) / n_group   # mean(dxhat xhat)
+        alpha = (scale * r * w).reshape(n, C, 1)
+        beta = -r * r * mean_dxhat_xhat
+        gamma = r * (m * r * mean_dxhat_xhat - mean_dxhat)
+        rest = xp.multiply(xc.reshape(n, G, -1), beta, out=buf[:n].reshape(n, G, -1))
+        rest += gamma
+        dxc = xp.multiply(gz, alpha, out=dx[b0:b0 + n])                 # gz may be this very slice
+        dxc += rest.reshape(n, C, -1)
     return dx.reshape(x.shape), dweight, dbias

@@ -1,0 +1,109 @@
+"""Fused ops equal the composition of the unfused ops they replace.
+
+Each fused op is checked three ways: its gradients against finite differences
+in float64 (element by element at a small size, the adjoint test at the
+UNet's sizes), its forward and its gradients against the same computation
+composed from the unfused ops, and float32 in, float32 out.
+"""
+import numpy as np
+import pytest
+
+import autograd.functional as F
+from autograd.kernels import norm as norm_k
+from helpers import case, check_float32, check_forward, check_gradient
+
+
+def group_norm_silu_composed(x, num_groups, w=None, b=None):
+    return F.silu(F.group_norm(x, num_groups, w, b))
+
+
+def group_norm_silu_np(x, num_groups, w=None, b=None, eps=1e-5):
+    """The same, written independently in NumPy."""
+    B, C = x.shape[:2]
+    xg = x.reshape(B, num_groups, -1)
+    z = ((xg - xg.mean(axis=2, keepdims=True)) / np.sqrt(xg.var(axis=2, keepdims=True) + eps)).reshape(x.shape)
+    channel = (1, C) + (1,) * (x.ndim - 2)
+    if w is not None:
+        z = z * w.reshape(channel) + b.reshape(channel)
+    return z / (1 + np.exp(-z))
+
+
+def _tensors(shapes, dtype=np.float64, seed=0):
+    from autograd import Tensor
+    rng = np.random.default_rng(seed)
+    return [Tensor(rng.standard_normal(s).astype(dtype), requires_grad=True) for s in shapes]
+
+
+SMALL = [
+    case("group_norm_silu 2 groups", lambda x, w, b: F.group_norm_silu(x, 2, w, b),
+         lambda x, w, b: group_norm_silu_np(x, 2, w, b), (2, 4, 3, 3), (4,), (4,)),
+    case("group_norm_silu 1 group batch 3", lambda x, w, b: F.group_norm_silu(x, 1, w, b),
+         lambda x, w, b: group_norm_silu_np(x, 1, w, b), (3, 2, 2, 5), (2,), (2,)),
+    case("group_norm_silu no affine 3-D", lambda x: F.group_norm_silu(x, 3),
+         lambda x: group_norm_silu_np(x, 3), (2, 6, 5)),
+]
+
+# The UNet's sizes: mnist-tiny at 28x28 (8 groups), mnist at 14x14 (32 groups).
+REALISTIC = [
+    case("group_norm_silu 8 groups 32 @28", lambda x, w, b: F.group_norm_silu(x, 8, w, b), None,
+         (4, 32, 28, 28), (32,), (32,)),
+    case("group_norm_silu 32 groups 64 @14", lambda x, w, b: F.group_norm_silu(x, 32, w, b), None,
+         (8, 64, 14, 14), (64,), (64,)),
+]
+
+
+@pytest.mark.parametrize("c", SMALL)
+def test_fused_gradient_matches_finite_differences(c):
+    check_gradient(c, mode="elements")
+
+
+@pytest.mark.parametrize("c", REALISTIC)
+def test_fused_adjoint_gradient_check_at_unet_size(c):
+    check_gradient(c, mode="adjoint")
+
+
+@pytest.mark.parametrize("c", SMALL)
+def test_fused_forward_matches_numpy(c):
+    check_forward(c)
+
+
+@pytest.mark.parametrize("c", SMALL)
+def test_fused_float32_in_float32_out(c):
+    check_float32(c)
+
+
+@pytest.mark.parametrize("x_shape, num_groups, affine", [
+    ((2, 4, 3, 3), 2, True),
+    ((3, 6, 5), 3, False),
+    ((4, 32, 28, 28), 8, True),      # several chunks of images (see kernels/norm.py)
+    ((8, 64, 14, 14), 32, True),
+])
+def test_group_norm_silu_matches_silu_of_group_norm(x_shape, num_groups, affine):
+    C = x_shape[1]
+    shapes = [x_shape, (C,), (C,)] if affine else [x_shape]
+    cotangent = np.random.default_rng(3).standard_normal(x_shape)
+    results = []
+    for op in (F.group_norm_silu, group_norm_silu_composed):
+        inputs = _tensors(shapes)
+        if affine:   # a weight away from 1 and a bias away from 0
+            inputs[1].data = inputs[1].data + 1.5
+        out = op(inputs[0], num_groups, *inputs[1:])
+        (out * cotangent).sum().backward()
+        results.append([out.numpy()] + [t.grad for t in inputs])
+    for fused, composed in zip(*results):
+        np.testing.assert_allclose(fused, composed, rtol=1e-10, atol=1e-12)
+
+
+def test_group_norm_silu_chunks_agree_with_one_chunk(monkeypatch):
+    """Going through the batch a few images at a time changes no number."""
+    x, w, b = _tensors([(6, 8, 5, 5), (8,), (8,)])
+    g = np.random.default_rng(1).standard_normal(x.shape)
+
+    def run():
+        y, mean, rstd, t = norm_k.group_norm_fused_forward(x.data, 4, w.data, b.data, 1e-5, silu=True)
+        return (y,) + norm_k.group_norm_fused_backward(g, x.data, mean, rstd, 4, w.data, y, t)
+
+    one_chunk = run()
+    monkeypatch.setitem(norm_k._CHUNK_BYTES, "cpu", 1)    # one image per chunk
+    for a, b_ in zip(run(), one_chunk):
+        np.testing.assert_allclose(a, b_, rtol=1e-12, atol=1e-14)
