@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import autograd.functional as F
+from autograd.kernels import conv as conv_k
 from autograd.kernels import norm as norm_k
 from helpers import case, check_float32, check_forward, check_gradient
 
@@ -107,3 +108,29 @@ def test_group_norm_silu_chunks_agree_with_one_chunk(monkeypatch):
     monkeypatch.setitem(norm_k._CHUNK_BYTES, "cpu", 1)    # one image per chunk
     for a, b_ in zip(run(), one_chunk):
         np.testing.assert_allclose(a, b_, rtol=1e-12, atol=1e-14)
+
+
+# =============================================================================
+# Convolution by shifted outputs (kernels/conv.py, used where C_in >= 2 C_out at 28x28)
+# =============================================================================
+
+@pytest.mark.parametrize("x_shape, w_shape", [
+    ((2, 96, 28, 28), (32, 96, 3, 3)),       # up path, 96 -> 32
+    ((2, 32, 28, 28), (1, 32, 3, 3)),        # conv_out
+    ((2, 6, 29, 30), (3, 6, 3, 3)),          # odd, non-square map (chunk of one image below)
+])
+def test_output_side_conv_matches_reference(x_shape, w_shape, monkeypatch):
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+    expected = conv_k.conv2d_reference(x, w, 1, 1)
+    np.testing.assert_allclose(conv_k._conv2d_forward_output_side(x, w, 1), expected, rtol=1e-10, atol=1e-10)
+    monkeypatch.setitem(conv_k._CHUNK_BYTES, "cpu", 1)
+    np.testing.assert_allclose(conv_k._conv2d_forward_output_side(x, w, 1), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("c", [
+    case("conv2d 96->32 @28 (output side)", lambda x, w, b: F.conv2d(x, w, b, padding=1), None,
+         (2, 96, 28, 28), (32, 96, 3, 3), (32,)),
+])
+def test_output_side_conv_adjoint_gradient_check(c):
+    check_gradient(c, mode="adjoint")

@@ -78,6 +78,8 @@ def conv2d_forward(x, w, stride=1, padding=0):
     if kh == kw == 1 and stride == 1 and padding == 0:
         # A 1x1 convolution is a matrix product over the channel axis.
         return xp.matmul(w.reshape(O, C), x.reshape(B, C, H * W)).reshape(B, O, H, W)
+    if stride == 1 and C >= 2 * O and Ho * Wo >= 28 * 28 and backend.device_of(x) == "cpu":
+        return _conv2d_forward_output_side(x, w, padding)
     view, row = _patch_view(x, kh, kw, stride, padding, Ho, Wo)
     K = C * kh * kw
     w2 = w.reshape(O, K)
@@ -90,6 +92,44 @@ def conv2d_forward(x, w, stride=1, padding=0):
         c[...] = view[:, :, :, b0:b0 + n]                               # im2col of n images
         yc = xp.matmul(w2, c.reshape(K, n * Ho * row))                  # (O, n*Ho*row)
         y[b0:b0 + n] = yc.reshape(O, n, Ho, row)[:, :, :, :Wo].transpose(1, 0, 2, 3)
+    return y
+
+
+def _conv2d_forward_output_side(x, w, padding):
+    """Stride 1 without im2col: all kh*kw weight slices times the padded input
+    in one product, then the kh*kw shifted outputs added up.
+
+    y[o, i, j] = sum_{u, v} (w[:, :, u, v] @ x_pad)[o, i + u, j + v]. The copy
+    this makes is kh*kw times the output instead of kh*kw times the input, so
+    it pays where C_in is well above C_out: measured on one CPU core, batch 64,
+    1.35x faster at 96->32 and 1.15x at 64->32 on 28x28 maps, 1.9x at the
+    UNet's last 32->1, but even or up to 1.4x slower at 14x14 and smaller, and
+    slower at C_in = C_out (the product has ~10% more columns here: it runs
+    over the padding too). Hence the dispatch in conv2d_forward.
+    """
+    xp = get_array_module(x, w)
+    B, C, H, W = x.shape
+    O, _, kh, kw = w.shape
+    Hp, Wp = H + 2 * padding, W + 2 * padding
+    Ho, Wo = Hp - kh + 1, Wp - kw + 1
+    L = (Hp + 1) * Wp                        # one spare zero row: the last shifts read kw-1 past the end
+    x_pad = xp.zeros((C, B, Hp + 1, Wp), dtype=x.dtype)
+    x_pad[:, :, padding:padding + H, padding:padding + W] = x.transpose(1, 0, 2, 3)
+    w_all = w.transpose(2, 3, 0, 1).reshape(kh * kw * O, C)              # rows (u, v, o)
+    y = xp.empty((B, O, Ho, Wo), dtype=x.dtype)
+    nb = _chunk(B, kh * kw * O * L, x.itemsize, x)
+    for b0 in range(0, B, nb):
+        n = min(nb, B - b0)
+        z = xp.matmul(w_all, x_pad[:, b0:b0 + n].reshape(C, n * L)).reshape(kh, kw, O, n, L)
+        # As flat rows of width Wp, output pixel q = i Wp + j takes z[u, v] at q + u Wp + v;
+        # the Wp - Wo wrapped columns are dropped at the end, as in the im2col path.
+        acc = z[0, 0, :, :, :Ho * Wp].copy()                            # (O, n, Ho*Wp)
+        for u in range(kh):
+            for v in range(kw):
+                if u or v:
+                    off = u * Wp + v
+                    acc += z[u, v, :, :, off:off + Ho * Wp]
+        y[b0:b0 + n] = acc.reshape(O, n, Ho, Wp)[:, :, :, :Wo].transpose(1, 0, 2, 3)
     return y
 
 
