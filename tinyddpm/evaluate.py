@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.linalg
+from scipy import special
 
 from . import classifier as clf
 from .data import MNISTFormatError, MNISTNotFoundError, cache_dir, load_mnist
@@ -100,14 +101,14 @@ def gaussian_stats(features):
 
 
 def _sqrtm_trace(product):
-    """tr(product^(1/2)) with a flag saying whether the root is trustworthy.
+    """tr(product^(1/2)), or None when the computed root cannot be trusted.
 
     C1 C2 is a product of two symmetric positive semi-definite matrices: its
     eigenvalues are real and >= 0, so its square root is real. In floating
     point, sqrtm can still return a small imaginary part (discarded), and
     when the product is singular (a feature that never varies, a set smaller
     than the feature dimension) it can return inf/NaN or a root whose square
-    is far from the product. Those cases are reported as untrustworthy.
+    is far from the product. Those cases return None.
     """
     with warnings.catch_warnings():
         # sqrtm warns about singular input; the checks below judge the result instead.
@@ -132,7 +133,7 @@ def frechet_distance(mu1, cov1, mu2, cov2, eps=FID_EPS):
     The squared 2-Wasserstein distance between N(mu1, cov1) and N(mu2, cov2).
     When the matrix square root fails (see `_sqrtm_trace`), eps I is added to
     both covariances, everywhere in the formula, so that the distance of a
-    set to itself stays exactly 0 rather than off by 2 D eps.
+    set to itself stays 0 (up to rounding) rather than off by -2 D eps.
     """
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     cov1, cov2 = np.atleast_2d(cov1).astype(np.float64), np.atleast_2d(cov2).astype(np.float64)
@@ -165,9 +166,9 @@ def inception_score(probs, splits=1):
     scores = []
     for part in np.array_split(probs, splits):
         p_y = part.mean(axis=0, keepdims=True)
-        # 0 log 0 = 0: xlogy-style, so a class with probability 0 adds nothing.
-        log_ratio = np.log(np.where(part > 0, part, 1.0)) - np.log(np.where(p_y > 0, p_y, 1.0))
-        kl = (part * log_ratio).sum(axis=1)
+        # KL = sum_y p log p - p log p(y); xlogy takes 0 log 0 = 0, so a class
+        # the classifier rules out adds nothing instead of NaN.
+        kl = (special.xlogy(part, part) - special.xlogy(part, p_y)).sum(axis=1)
         scores.append(float(np.exp(kl.mean())))
     return float(np.mean(scores)), float(np.std(scores))
 
@@ -370,7 +371,9 @@ def calibration_table(model, sha256, n=10_000, seed=0, data_dir=None):
 def _format_calibration(rows):
     lines = ["| images | n | FID | IS | confidence |", "|---|---|---|---|---|"]
     for name, s in rows:
-        lines.append(f"| {name} | {s['n']:,} | {s['fid']:.3f} | {s['inception_score']:.3f} "
+        # A set against itself gives a FID of about -1e-6 from rounding; show it as 0.
+        fid = max(s["fid"], 0.0)
+        lines.append(f"| {name} | {s['n']:,} | {fid:.3f} | {s['inception_score']:.3f} "
                      f"| {s['confidence']:.3f} |")
     return "\n".join(lines)
 
