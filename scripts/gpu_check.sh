@@ -42,7 +42,7 @@ compare=""
 $py -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null && compare="--compare-torch"
 for preset in mnist-tiny mnist; do
     step "benchmark: $preset, batch 128, cuda $compare"
-    $py benchmarks/bench_step.py --device cuda --preset "$preset" --batch-size 128 $compare \
+    $py benchmarks/bench_step.py --device cuda --preset "$preset" --batch 128 --rounds 5 $compare \
         2>&1 | tee -a "$out/bench.log" || status=1
 done
 
