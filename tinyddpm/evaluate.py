@@ -500,12 +500,12 @@ def _is_checkpoint(path):
         return all(key in loaded.files for key in REQUIRED)
 
 
-def _progress_bar(total, desc):
+def _progress_bar(desc):
     """A tqdm bar on an interactive terminal, else nothing (logs stay clean)."""
     if not sys.stderr.isatty():
         return None
     from tqdm import tqdm
-    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True)
+    return tqdm(desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
 
 
 def _sample_checkpoint(path, args):
@@ -514,7 +514,7 @@ def _sample_checkpoint(path, args):
 
     n = args.n if args.n is not None else DEFAULT_N[args.device]
     batch = args.batch_size if args.batch_size is not None else DEFAULT_BATCH[args.device]
-    bar = _progress_bar(None, "sampling")
+    bar = _progress_bar("sampling")
     start = time.perf_counter()
     try:
         result = sample_checkpoint(path, n, steps=args.steps, sampler=args.sampler, eta=args.eta,
@@ -551,6 +551,7 @@ def _bits_per_dim(path, args, batch):
     model, diffusion, _ = load_model(path, device=args.device)
     digits, _ = load_mnist("test", args.data_dir)
     digits = digits[:n]
+    n = len(digits)  # at most the 10,000 there are
     rng = backend.default_rng(args.seed, args.device)
     totals = []
     for start in range(0, len(digits), batch):
