@@ -199,18 +199,14 @@ class Conv2d(Function):
 
     def forward(self, x, w, b=None):
         self.x, self.w = x, w
-        y = conv_k.conv2d_forward(x, w, self.stride, self.padding)
-        if b is not None:
-            y += b.reshape(1, -1, 1, 1)   # y is the kernel's own new array: add in place
-        return y
+        return conv_k.conv2d_forward(x, w, self.stride, self.padding, bias=b)
 
     def backward(self, grad):
         need = self.needs_input_grad
-        dx, dw = conv_k.conv2d_backward(grad, self.x, self.w, self.stride, self.padding,
-                                        need_x=need[0], need_w=need[1])
-        if len(need) == 2:
-            return dx, dw
-        return dx, dw, grad.sum(axis=(0, 2, 3)) if need[2] else None
+        dx, dw, db = conv_k.conv2d_backward(grad, self.x, self.w, self.stride, self.padding,
+                                            need_x=need[0], need_w=need[1],
+                                            need_b=len(need) == 3 and need[2])
+        return (dx, dw) if len(need) == 2 else (dx, dw, db)
 
 
 def conv2d(x, w, b=None, stride=1, padding=0):

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from common import emit_json, limit_blas_threads, machine_header, print_table, time_alternating, torch_or_none  # noqa: E402
+from common import emit_json, set_threads, machine_header, print_table, time_alternating, torch_or_none  # noqa: E402
 
 import autograd  # noqa: E402
 from autograd import functional as F  # noqa: E402
@@ -71,10 +71,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--rounds", type=int, default=9)
-    p.add_argument("--threads", type=int, default=2, help="torch threads (OpenBLAS uses all cores)")
+    p.add_argument("--threads", type=int, default=2, help="threads for tinyddpm (kernel pool and BLAS) and for torch")
     p.add_argument("--no-torch", action="store_true", help="time tinyddpm only")
     a = p.parse_args()
-    limit_blas_threads(a.threads)
+    set_threads(a.threads)
     torch = None if a.no_torch else torch_or_none(a.threads)
     header = machine_header()
     header["torch"] = torch.__version__ if torch else None

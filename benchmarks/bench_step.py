@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from common import emit_json, limit_blas_threads, machine_header, print_table, time_alternating, torch_or_none  # noqa: E402
+from common import emit_json, set_threads, machine_header, print_table, time_alternating, torch_or_none  # noqa: E402
 
 import autograd  # noqa: E402
 from autograd import backend  # noqa: E402
@@ -354,13 +354,13 @@ def main():
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--threads", type=int, default=2, help="threads for NumPy's BLAS (via threadpoolctl) and for torch")
+    p.add_argument("--threads", type=int, default=2, help="threads for tinyddpm (its kernel pool, NumPy's BLAS via threadpoolctl) and for torch")
     p.add_argument("--compare-torch", action="store_true")
     p.add_argument("--profile", action="store_true", help="print a per-op profile of one train step")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--_memory-child", nargs=2, metavar=("IMPL", "STEP"), help=argparse.SUPPRESS)
     a = p.parse_args()
-    limit_blas_threads(a.threads)
+    set_threads(a.threads)
     if a._memory_child:
         return memory_child(*a._memory_child, a.preset, a.batch, a.device, a.threads)
 
@@ -402,7 +402,7 @@ def main():
 
     print()
     print(f"{a.preset}, batch {a.batch}, {a.device}, median of {a.rounds}; BLAS: {header['blas']}; "
-          f"torch: {header['torch']} ({a.threads} threads)")
+          f"tinyddpm: {a.threads} threads; torch: {header['torch']} ({a.threads} threads)")
     cols = [("step", "step", "{}"), ("tinyddpm_s", "tinyddpm s", "{:.3f}")]
     if torch:
         cols += [("torch_s", "torch s", "{:.3f}"), ("ratio", "ratio", "{:.2f}")]

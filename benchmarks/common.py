@@ -56,15 +56,22 @@ def _cpu_name():
     return platform.processor() or "unknown"
 
 
-def limit_blas_threads(threads):
-    """Set NumPy's BLAS to `threads` threads (needs threadpoolctl; returns False without it)."""
+def set_threads(threads):
+    """Give tinyddpm `threads` threads: its kernels' pool (autograd.parallel) and NumPy's BLAS.
+
+    With more than one, the pool holds the BLAS at one thread while the
+    kernels run (autograd/parallel.py says why). Needs threadpoolctl for the
+    BLAS; returns False without it (then everything runs on the BLAS's defaults).
+    """
     try:
         import threadpoolctl
     except ImportError:
         return False
     import numpy  # noqa: F401  (loads the BLAS first)
+    from autograd import parallel
     # Kept referenced for the life of the process: the limit lasts as long as the object.
-    limit_blas_threads.keep = threadpoolctl.threadpool_limits(threads, user_api="blas")
+    set_threads.keep = threadpoolctl.threadpool_limits(threads, user_api="blas")
+    parallel.set_num_threads(threads)
     return True
 
 

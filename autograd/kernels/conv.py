@@ -27,11 +27,15 @@ the tests' oracle.
 """
 from .. import backend
 from ..backend import get_array_module
+from ..parallel import Scratch, parallel_for
 
 # Bytes of patch matrix per chunk of images (at least one image): about 1 MB
 # keeps it in a CPU core's L2 while the matrix product reads it (measured
 # 10-25% faster than 4 MB and up); a GPU wants few, large products.
 _CHUNK_BYTES = {"cpu": 1 << 20, "cuda": 256 << 20}
+# Runs of chunks in dL/dw's backward, each with its own partial sum (see there):
+# enough for a few threads to share, few enough that the partial sums stay small.
+_SUMS = 8
 
 
 def _pad(x, padding):
@@ -45,22 +49,31 @@ def output_size(size, k, stride, padding):
     return (size + 2 * padding - k) // stride + 1
 
 
-def _patch_view(x, kh, kw, stride, padding, Ho, Wo):
-    """A strided view (C, kh, kw, B, Ho, row) of the patches, no copy; `row` >= Wo.
+def _padded(x, b0, n, padding, buf):
+    """Images b0 .. b0+n-1 of x zero-padded into buf (n', C, Hp + 1, Wp), n' >= n.
+
+    buf is a chunk-sized scratch buffer whose border is zero and stays zero
+    (only the interior is ever written), so padding costs one copy of the
+    chunk, which stays in cache for the im2col that reads it next. The spare
+    zero row below is read by the last flat patch rows (see _patches).
+    """
+    H, W = x.shape[2:]
+    buf[:n, :, padding:padding + H, padding:padding + W] = x[b0:b0 + n]
+    return buf[:n]
+
+
+def _patches(x_pad, kh, kw, stride, Ho, Wo):
+    """A strided view (C, kh, kw, n, Ho, row) of a padded chunk's patches, no copy; row >= Wo.
 
     For stride 1, row = Wp and the last two axes are one flat run of Ho*Wp
     values (the extra columns are garbage to drop); otherwise row = Wo.
     """
-    xp = get_array_module(x)
-    B, C, H, W = x.shape
-    Hp, Wp = H + 2 * padding, W + 2 * padding
-    # One spare zero row below: the flat runs of the last patch row read kw-1 past the end.
-    x_pad = xp.zeros((B, C, Hp + 1, Wp), dtype=x.dtype)
-    x_pad[:, :, padding:padding + H, padding:padding + W] = x
+    xp = get_array_module(x_pad)
+    n, C, _, Wp = x_pad.shape
     sb, sc, sh, sw = x_pad.strides
     row = Wp if stride == 1 else Wo
     view = xp.lib.stride_tricks.as_strided(
-        x_pad, (C, kh, kw, B, Ho, row), (sc, sh, sw, sb, stride * sh, stride * sw))
+        x_pad, (C, kh, kw, n, Ho, row), (sc, sh, sw, sb, stride * sh, stride * sw))
     return view, row
 
 
@@ -69,33 +82,88 @@ def _chunk(B, rows_per_image, itemsize, x):
     return max(1, min(B, _CHUNK_BYTES[backend.device_of(x)] // max(1, per_image)))
 
 
-def conv2d_forward(x, w, stride=1, padding=0):
-    """x (B, C, H, W), w (O, C, kh, kw) -> y (B, O, Ho, Wo)."""
+def conv2d_forward(x, w, stride=1, padding=0, bias=None):
+    """x (B, C, H, W), w (O, C, kh, kw), bias (O,) or None -> y (B, O, Ho, Wo)."""
     xp = get_array_module(x, w)
     B, C, H, W = x.shape
     O, _, kh, kw = w.shape
     Ho, Wo = output_size(H, kh, stride, padding), output_size(W, kw, stride, padding)
+    b_col = None if bias is None else bias.reshape(O, 1, 1, 1)
     if kh == kw == 1 and stride == 1 and padding == 0:
-        # A 1x1 convolution is a matrix product over the channel axis.
-        return xp.matmul(w.reshape(O, C), x.reshape(B, C, H * W)).reshape(B, O, H, W)
+        return _conv1x1_forward(x, w, b_col)
     if stride == 1 and C >= 2 * O and Ho * Wo >= 28 * 28 and backend.device_of(x) == "cpu":
-        return _conv2d_forward_output_side(x, w, padding)
-    view, row = _patch_view(x, kh, kw, stride, padding, Ho, Wo)
+        return _conv2d_forward_output_side(x, w, padding, b_col)
+    Hp, Wp = H + 2 * padding, W + 2 * padding
+    row = Wp if stride == 1 else Wo
     K = C * kh * kw
     w2 = w.reshape(O, K)
     y = xp.empty((B, O, Ho, Wo), dtype=x.dtype)
     nb = _chunk(B, K * Ho * row, x.itemsize, x)
-    buf = xp.empty(K * nb * Ho * row, dtype=x.dtype)
-    for b0 in range(0, B, nb):
+    pad_bufs = Scratch(lambda: xp.zeros((nb, C, Hp + 1, Wp), dtype=x.dtype))
+    col_bufs = Scratch(lambda: xp.empty(K * nb * Ho * row, dtype=x.dtype))
+
+    def chunk(i, worker):
+        b0 = i * nb
         n = min(nb, B - b0)
-        c = buf[:K * n * Ho * row].reshape(C, kh, kw, n, Ho, row)      # contiguous for any n
-        c[...] = view[:, :, :, b0:b0 + n]                               # im2col of n images
-        yc = xp.matmul(w2, c.reshape(K, n * Ho * row))                  # (O, n*Ho*row)
-        y[b0:b0 + n] = yc.reshape(O, n, Ho, row)[:, :, :, :Wo].transpose(1, 0, 2, 3)
+        view, _ = _patches(_padded(x, b0, n, padding, pad_bufs[worker]), kh, kw, stride, Ho, Wo)
+        c = col_bufs[worker][:K * n * Ho * row].reshape(C, kh, kw, n, Ho, row)   # contiguous for any n
+        c[...] = view                                                   # im2col of n images
+        yc = xp.matmul(w2, c.reshape(K, n * Ho * row)).reshape(O, n, Ho, row)
+        if b_col is not None:
+            yc += b_col                                                 # while the chunk is in cache
+        y[b0:b0 + n] = yc[:, :, :, :Wo].transpose(1, 0, 2, 3)
+
+    parallel_for(-(-B // nb), chunk, backend.device_of(x))
     return y
 
 
-def _conv2d_forward_output_side(x, w, padding):
+def _conv1x1_forward(x, w, b_col=None):
+    """A 1x1 convolution is a matrix product over the channel axis, image by image."""
+    xp = get_array_module(x, w)
+    B, C, H, W = x.shape
+    O = w.shape[0]
+    w2, x3 = w.reshape(O, C), x.reshape(B, C, H * W)
+    y = xp.empty((B, O, H * W), dtype=x.dtype)
+    nb = _chunk(B, (C + O) * H * W, x.itemsize, x)
+
+    def chunk(i, worker):
+        yc = xp.matmul(w2, x3[i * nb:(i + 1) * nb], out=y[i * nb:(i + 1) * nb])
+        if b_col is not None:
+            yc += b_col.reshape(O, 1)
+
+    parallel_for(-(-B // nb), chunk, backend.device_of(x))
+    return y.reshape(B, O, H, W)
+
+
+def _conv1x1_backward(grad, x, w, need_x, need_w, need_b):
+    xp = get_array_module(grad, x, w)
+    B, C, H, W = x.shape
+    O = w.shape[0]
+    g3, x3, w2 = grad.reshape(B, O, H * W), x.reshape(B, C, H * W), w.reshape(O, C)
+    nb = _chunk(B, (C + O) * H * W, x.itemsize, x)
+    n_chunks = -(-B // nb)
+    n_runs = min(n_chunks, _SUMS)                   # partial sums, as in conv2d_backward
+    dx = xp.empty_like(x3) if need_x else None
+    dw_parts = xp.zeros((n_runs, O, C), dtype=grad.dtype) if need_w else None
+    db_parts = xp.zeros((n_runs, O), dtype=grad.dtype) if need_b else None
+
+    def run(r, worker):
+        for i in range(r * n_chunks // n_runs, (r + 1) * n_chunks // n_runs):
+            g, xc = g3[i * nb:(i + 1) * nb], x3[i * nb:(i + 1) * nb]
+            if need_x:
+                xp.matmul(w2.T, g, out=dx[i * nb:(i + 1) * nb])            # dL/dx = w^T dL/dy
+            if need_w:
+                dw_parts[r] += xp.matmul(g, xc.transpose(0, 2, 1)).sum(axis=0)   # dL/dy x^T
+            if need_b:
+                db_parts[r] += g.sum(axis=(0, 2))
+
+    parallel_for(n_runs, run, backend.device_of(x))
+    return (dx.reshape(x.shape) if need_x else None,
+            dw_parts.sum(axis=0).reshape(w.shape) if need_w else None,
+            db_parts.sum(axis=0) if need_b else None)
+
+
+def _conv2d_forward_output_side(x, w, padding, b_col=None):
     """Stride 1 without im2col: all kh*kw weight slices times the padded input
     in one product, then the kh*kw shifted outputs added up.
 
@@ -113,14 +181,19 @@ def _conv2d_forward_output_side(x, w, padding):
     Hp, Wp = H + 2 * padding, W + 2 * padding
     Ho, Wo = Hp - kh + 1, Wp - kw + 1
     L = (Hp + 1) * Wp                        # one spare zero row: the last shifts read kw-1 past the end
-    x_pad = xp.zeros((C, B, Hp + 1, Wp), dtype=x.dtype)
-    x_pad[:, :, padding:padding + H, padding:padding + W] = x.transpose(1, 0, 2, 3)
     w_all = w.transpose(2, 3, 0, 1).reshape(kh * kw * O, C)              # rows (u, v, o)
     y = xp.empty((B, O, Ho, Wo), dtype=x.dtype)
     nb = _chunk(B, kh * kw * O * L, x.itemsize, x)
-    for b0 in range(0, B, nb):
+    # Channels first, so that a chunk's (C, n * L) matrix is contiguous; the
+    # last, shorter chunk gets its own buffer (a view of the first would not be).
+    pad_bufs = Scratch(lambda: xp.zeros((C, nb, Hp + 1, Wp), dtype=x.dtype))
+
+    def chunk(i, worker):
+        b0 = i * nb
         n = min(nb, B - b0)
-        z = xp.matmul(w_all, x_pad[:, b0:b0 + n].reshape(C, n * L)).reshape(kh, kw, O, n, L)
+        x_pad = pad_bufs[worker] if n == nb else xp.zeros((C, n, Hp + 1, Wp), dtype=x.dtype)
+        x_pad[:, :, padding:padding + H, padding:padding + W] = x[b0:b0 + n].transpose(1, 0, 2, 3)
+        z = xp.matmul(w_all, x_pad.reshape(C, n * L)).reshape(kh, kw, O, n, L)
         # As flat rows of width Wp, output pixel q = i Wp + j takes z[u, v] at q + u Wp + v;
         # the Wp - Wo wrapped columns are dropped at the end, as in the im2col path.
         acc = z[0, 0, :, :, :Ho * Wp].copy()                            # (O, n, Ho*Wp)
@@ -129,24 +202,27 @@ def _conv2d_forward_output_side(x, w, padding):
                 if u or v:
                     off = u * Wp + v
                     acc += z[u, v, :, :, off:off + Ho * Wp]
-        y[b0:b0 + n] = acc.reshape(O, n, Ho, Wp)[:, :, :, :Wo].transpose(1, 0, 2, 3)
+        acc = acc.reshape(O, n, Ho, Wp)
+        if b_col is not None:
+            acc += b_col
+        y[b0:b0 + n] = acc[:, :, :, :Wo].transpose(1, 0, 2, 3)
+
+    parallel_for(-(-B // nb), chunk, backend.device_of(x))
     return y
 
 
-def conv2d_backward(grad, x, w, stride=1, padding=0, need_x=True, need_w=True):
-    """Gradients (dx, dw) of conv2d_forward for dL/dy = grad (B, O, Ho, Wo)."""
+def conv2d_backward(grad, x, w, stride=1, padding=0, need_x=True, need_w=True, need_b=False):
+    """Gradients (dx, dw, db) of conv2d_forward for dL/dy = grad (B, O, Ho, Wo).
+
+    Each is None unless asked for (need_x, need_w, need_b).
+    """
     xp = get_array_module(grad, x, w)
     B, C, H, W = x.shape
     O, _, kh, kw = w.shape
     Ho, Wo = grad.shape[2:]
-    dx = dw = None
+    dx = dw = db = None
     if kh == kw == 1 and stride == 1 and padding == 0:
-        g = grad.reshape(B, O, H * W)
-        if need_w:
-            dw = xp.matmul(g, x.reshape(B, C, H * W).transpose(0, 2, 1)).sum(axis=0).reshape(w.shape)
-        if need_x:
-            dx = xp.matmul(w.reshape(O, C).T, g).reshape(x.shape)
-        return dx, dw
+        return _conv1x1_backward(grad, x, w, need_x, need_w, need_b)
 
     if need_x and stride == 1 and kh == kw and padding <= kh - 1:
         # Each input pixel gathers dL/dy from the outputs whose patches held it: a
@@ -154,31 +230,43 @@ def conv2d_backward(grad, x, w, stride=1, padding=0, need_x=True, need_w=True):
         # (square kernels only, since conv2d_forward pads both sides alike).
         w_flip = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)               # (C, O, kh, kw)
         dx = conv2d_forward(grad, xp.ascontiguousarray(w_flip), 1, kh - 1 - padding)
-    if not need_w and (dx is not None or not need_x):
-        return dx, dw
+    if not (need_w or need_b or (need_x and dx is None)):
+        return dx, dw, db
 
     K = C * kh * kw
-    view, row = _patch_view(x, kh, kw, stride, padding, Ho, Wo)
+    Hp, Wp = H + 2 * padding, W + 2 * padding
+    row = Wp if stride == 1 else Wo
     nb = _chunk(B, K * Ho * row, x.itemsize, x)
-    buf = xp.empty(K * nb * Ho * row, dtype=x.dtype)
+    n_chunks = -(-B // nb)
+    pad_bufs = Scratch(lambda: xp.zeros((nb, C, Hp + 1, Wp), dtype=x.dtype))
+    col_bufs = Scratch(lambda: xp.empty(K * nb * Ho * row, dtype=x.dtype))
     # dL/dy with one row per column of the patch matrix (channels last: the
     # product cols @ g then runs faster in OpenBLAS than g^T @ cols^T); the
     # extra columns stay zero, so the garbage patches they stand for add nothing.
-    g_buf = xp.zeros((nb, Ho, row, O), dtype=grad.dtype)
+    g_bufs = Scratch(lambda: xp.zeros((nb, Ho, row, O), dtype=grad.dtype))
     w2 = w.reshape(O, K)
-    if need_w:
-        dw_t = xp.zeros((K, O), dtype=grad.dtype)                      # dL/dw transposed
+    # The chunks go in _SUMS runs of consecutive chunks, each adding its own
+    # dL/dw and dL/db terms; the terms are added in run order after the loop, so
+    # that the sums depend neither on the number of threads nor on which finished first.
+    n_runs = min(n_chunks, _SUMS)
+    dw_parts = xp.zeros((n_runs, K, O), dtype=grad.dtype) if need_w else None   # dL/dw transposed
+    db_parts = xp.zeros((n_runs, O), dtype=grad.dtype) if need_b else None
     if need_x and dx is None:
-        dx_pad = xp.zeros((B, C, H + 2 * padding, W + 2 * padding), dtype=grad.dtype)
-    for b0 in range(0, B, nb):
+        dx_pad = xp.zeros((B, C, Hp, Wp), dtype=grad.dtype)
+
+    def chunk(i, worker, r):
+        b0 = i * nb
         n = min(nb, B - b0)
-        g = g_buf[:n]
+        g = g_bufs[worker][:n]
         g[:, :, :Wo] = grad[b0:b0 + n].transpose(0, 2, 3, 1)
         g2 = g.reshape(n * Ho * row, O)
+        if need_b:
+            db_parts[r] += g2.sum(axis=0)
         if need_w:
-            c = buf[:K * n * Ho * row].reshape(C, kh, kw, n, Ho, row)
-            c[...] = view[:, :, :, b0:b0 + n]
-            dw_t += xp.matmul(c.reshape(K, n * Ho * row), g2)
+            view, _ = _patches(_padded(x, b0, n, padding, pad_bufs[worker]), kh, kw, stride, Ho, Wo)
+            c = col_bufs[worker][:K * n * Ho * row].reshape(C, kh, kw, n, Ho, row)
+            c[...] = view
+            dw_parts[r] += xp.matmul(c.reshape(K, n * Ho * row), g2)
         if need_x and dx is None:
             dcols = xp.matmul(w2.T, g2.T).reshape(C, kh, kw, n, Ho, row)   # patch gradients
             for u in range(kh):
@@ -186,11 +274,19 @@ def conv2d_backward(grad, x, w, stride=1, padding=0, need_x=True, need_w=True):
                     # Output pixel (i, j) read input pixel (s*i+u, s*j+v) at offset (u, v).
                     dx_pad[b0:b0 + n, :, u:u + stride * Ho:stride, v:v + stride * Wo:stride] += \
                         dcols[:, u, v, :, :, :Wo].transpose(1, 0, 2, 3)
+
+    def run(r, worker):
+        for i in range(r * n_chunks // n_runs, (r + 1) * n_chunks // n_runs):
+            chunk(i, worker, r)
+
+    parallel_for(n_runs, run, backend.device_of(x))
     if need_x and dx is None:
         dx = dx_pad[:, :, padding:padding + H, padding:padding + W].copy()
     if need_w:
-        dw = dw_t.T.reshape(w.shape)
-    return dx, dw
+        dw = dw_parts.sum(axis=0).T.reshape(w.shape)
+    if need_b:
+        db = db_parts.sum(axis=0)
+    return dx, dw, db
 
 
 def conv2d_reference(x, w, stride=1, padding=0):

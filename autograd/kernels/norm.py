@@ -30,6 +30,7 @@ temporaries, which is what these element-wise ops cost on a CPU:
       gamma = rstd (mean rstd mean(dxhat xhat) - mean(dxhat)).
 """
 from ..backend import device_of, get_array_module
+from ..parallel import Scratch, parallel_for
 
 
 def group_norm_forward(x, num_groups, weight, bias, eps):
@@ -109,8 +110,10 @@ def group_norm_fused_forward(x, num_groups, weight, bias, eps, silu=False):
     t = xp.empty_like(x3) if silu else None
     mean, rstd = xp.empty((B, G), dtype=x.dtype), xp.empty((B, G), dtype=x.dtype)
     nb = _chunk(x3)
-    h_buf = xp.empty((nb,) + x3.shape[1:], dtype=x.dtype) if silu else None
-    for b0 in range(0, B, nb):
+    h_bufs = Scratch(lambda: xp.empty((nb,) + x3.shape[1:], dtype=x.dtype))
+
+    def chunk(i, worker):
+        b0 = i * nb
         xc = x3[b0:b0 + nb]                                             # (n, C, H*W)
         n = xc.shape[0]
         xg = xc.reshape(n, G, -1)                                       # (n, G, C/G * H*W)
@@ -123,13 +126,15 @@ def group_norm_fused_forward(x, num_groups, weight, bias, eps, silu=False):
         if not silu:
             yc = xp.multiply(xc, a, out=y[b0:b0 + n])
             yc += c
-            continue
+            return
         half = f(0.5)
-        h = xp.multiply(xc, a * half, out=h_buf[:n])                   # h = z / 2
+        h = xp.multiply(xc, a * half, out=h_bufs[worker][:n])          # h = z / 2
         h += c * half
         tc = xp.tanh(h, out=t[b0:b0 + n])
         yc = xp.multiply(h, tc, out=y[b0:b0 + n])                       # y = h t + h
         yc += h
+
+    parallel_for(-(-B // nb), chunk, device_of(x))
     return y.reshape(x.shape), mean, rstd, (t.reshape(x.shape) if silu else None)
 
 
@@ -152,12 +157,16 @@ def group_norm_fused_backward(grad, x, mean, rstd, num_groups, weight, y=None, t
     scale = f(0.5) if silu else f(1)
     w = weight.reshape(G, -1)
     dx = xp.empty_like(x3)
-    dweight, dbias = xp.zeros(C, dtype=grad.dtype), xp.zeros(C, dtype=grad.dtype)
+    # Per-example terms of dL/dweight and dL/dbias, summed over the batch after
+    # the loop (in order, whichever thread ran which chunk).
+    dweight_b, dbias_b = xp.empty((B, C), dtype=grad.dtype), xp.empty((B, C), dtype=grad.dtype)
     nb = _chunk(x3)
-    buf = xp.empty((nb,) + x3.shape[1:], dtype=x.dtype)
+    bufs = Scratch(lambda: xp.empty((nb,) + x3.shape[1:], dtype=x.dtype))
     if silu:
         y3, t3 = y.reshape(B, C, -1), t.reshape(B, C, -1)
-    for b0 in range(0, B, nb):
+
+    def chunk(i, worker):
+        b0 = i * nb
         xc, gc = x3[b0:b0 + nb], g3[b0:b0 + nb]                         # (n, C, H*W)
         n = xc.shape[0]
         m, r = mean[b0:b0 + n, :, None], rstd[b0:b0 + n, :, None]       # (n, G, 1)
@@ -176,15 +185,18 @@ def group_norm_fused_backward(grad, x, mean, rstd, num_groups, weight, y=None, t
         s1 = scale * gz.sum(axis=2).reshape(n, G, -1)                   # sum dL/dz      (n, G, C/G)
         s2 = scale * xp.einsum("bcs,bcs->bc", gz, xc).reshape(n, G, -1)   # sum dL/dz x
         g_xhat = r * (s2 - m * s1)                                      # sum dL/dz xhat per channel
-        dweight += g_xhat.reshape(n, C).sum(axis=0)
-        dbias += s1.reshape(n, C).sum(axis=0)
+        dweight_b[b0:b0 + n] = g_xhat.reshape(n, C)
+        dbias_b[b0:b0 + n] = s1.reshape(n, C)
         mean_dxhat = (w * s1).sum(axis=2, keepdims=True) / n_group      # mean(dxhat)        (n, G, 1)
         mean_dxhat_xhat = (w * g_xhat).sum(axis=2, keepdims=True) / n_group   # mean(dxhat xhat)
         alpha = (scale * r * w).reshape(n, C, 1)
         beta = -r * r * mean_dxhat_xhat
         gamma = r * (m * r * mean_dxhat_xhat - mean_dxhat)
-        rest = xp.multiply(xc.reshape(n, G, -1), beta, out=buf[:n].reshape(n, G, -1))
+        rest = xp.multiply(xc.reshape(n, G, -1), beta, out=bufs[worker][:n].reshape(n, G, -1))
         rest += gamma
         dxc = xp.multiply(gz, alpha, out=dx[b0:b0 + n])                 # gz may be this very slice
         dxc += rest.reshape(n, C, -1)
+
+    parallel_for(-(-B // nb), chunk, device_of(x))
+    dweight, dbias = dweight_b.sum(axis=0), dbias_b.sum(axis=0)
     return dx.reshape(x.shape), dweight, dbias

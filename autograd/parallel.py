@@ -1,0 +1,155 @@
+"""Threads for the CPU kernels' chunk loops.
+
+The CPU kernels (convolution, group norm) already go through a batch a few
+images at a time, so that each chunk's buffers stay in a core's cache. The
+chunks are independent, so they can also run on several cores at once:
+NumPy releases the GIL inside its copies, ufuncs and matrix products, so
+plain Python threads run them in parallel.
+
+Why not leave the cores to the BLAS, as NumPy does by default? A multi-threaded
+matrix product splits one product over the cores, but everything between the
+products (im2col copies, layout changes, the normalization passes) runs on one
+core: on a 2-core machine a second BLAS thread made a training step only ~5%
+faster. Running whole chunks (copy + product + write-back) side by side keeps
+both cores busy more of the time. The BLAS itself must then keep to one
+thread, for as long as the loops run, not only inside them: OpenBLAS's
+threads spin for a while after each product, waiting for the next one, and
+take the core that a chunk's thread needs (capping the BLAS only inside each
+loop measured no faster than leaving all threads to the BLAS; capping it for
+the whole run, 1.3x faster). So the first parallel loop sets NumPy's BLAS to
+one thread for the rest of the process, and `set_num_threads(1)` gives it its
+threads back.
+
+    parallel_for(n, body)   calls body(i, worker) for i in range(n)
+
+Chunks are handed out one at a time to whichever thread is free (a busy
+core elsewhere on the machine then slows one thread, not the whole loop). So
+that the result does not depend on which thread ran what, every body writes
+only its own slice of the output; sums across chunks are left to the caller,
+in chunk order, after the loop. `worker` (0 .. threads-1) lets a body pick
+per-thread scratch buffers.
+
+How many threads: `set_num_threads(n)`, by default as many as NumPy's BLAS is
+set to use (so OMP_NUM_THREADS / OPENBLAS_NUM_THREADS limit both). Capping the
+BLAS while a loop runs needs threadpoolctl; without it (or with a BLAS it does
+not know), loops run on one thread. On a GPU loops always run in order: the
+device is already parallel, and CuPy queues every kernel on one stream.
+"""
+import itertools
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+try:
+    import threadpoolctl
+except ImportError:  # pragma: no cover - it is a dependency; kept optional for odd installs
+    threadpoolctl = None
+
+_threads = None            # None until first asked: then the BLAS's own thread count
+_pool = None               # ThreadPoolExecutor with _threads - 1 workers (the caller is one more)
+_controller = None         # threadpoolctl's view of the BLAS libraries NumPy loaded
+_busy = threading.Lock()   # one parallel loop at a time; a nested or concurrent one runs in order
+_blas_threads = None       # the BLAS's own thread count while we hold it at one thread
+
+
+def _blas():
+    """threadpoolctl's controller restricted to the BLAS, or None when it cannot be steered."""
+    global _controller
+    if _controller is None and threadpoolctl is not None:
+        import numpy  # noqa: F401  (loads the BLAS, so that threadpoolctl finds it)
+        c = threadpoolctl.ThreadpoolController().select(user_api="blas")
+        _controller = c if c.lib_controllers else False
+    return _controller or None
+
+
+def num_threads():
+    """Threads the CPU kernels use (1 when the BLAS cannot be capped: see the module doc)."""
+    global _threads
+    if _threads is None:
+        blas = _blas()
+        if blas is None:
+            _threads = 1
+        else:
+            _threads = max(1, min(c.num_threads for c in blas.lib_controllers))
+    return _threads
+
+
+def set_num_threads(n):
+    """Use n threads in the CPU kernels (n >= 1); 1 runs every loop in order and
+    gives NumPy's BLAS back the threads it had (see the module doc)."""
+    global _threads, _pool, _blas_threads
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"number of threads must be an integer >= 1, got {n!r}")
+    if n > 1 and _blas() is None:
+        raise RuntimeError("cannot use more than one thread: threadpoolctl is not installed or "
+                           "does not recognize NumPy's BLAS (pip install threadpoolctl)")
+    with _busy:
+        if _pool is not None:
+            _pool.shutdown(wait=True)
+            _pool = None
+        if n == 1 and _blas_threads is not None:
+            for lib in _blas().lib_controllers:
+                lib.set_num_threads(_blas_threads)
+            _blas_threads = None
+        _threads = n
+
+
+def _hold_blas():
+    """Keep NumPy's BLAS at one thread from now on (the pool's threads do the sharing)."""
+    global _blas_threads
+    if _blas_threads is None:
+        blas = _blas()
+        _blas_threads = max(c.num_threads for c in blas.lib_controllers)
+        for lib in blas.lib_controllers:
+            lib.set_num_threads(1)
+
+
+def parallel_for(n, body, device="cpu"):
+    """Call body(i, worker) for every i in range(n), on up to num_threads() threads.
+
+    Each i runs exactly once; bodies must write disjoint outputs. An exception in
+    any body is raised here once every thread has stopped.
+    """
+    threads = min(n, num_threads()) if device == "cpu" else 1
+    if threads <= 1 or not _busy.acquire(blocking=False):
+        for i in range(n):
+            body(i, 0)
+        return
+    try:
+        global _pool
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=num_threads() - 1, thread_name_prefix="autograd")
+        counter = itertools.count()        # next() on it is atomic under the GIL
+        failed = []
+
+        def run(worker):
+            while not failed:
+                i = next(counter)
+                if i >= n:
+                    return
+                try:
+                    body(i, worker)
+                except BaseException as e:
+                    failed.append(e)
+                    return
+
+        _hold_blas()
+        futures = [_pool.submit(run, w) for w in range(1, threads)]
+        run(0)
+        for f in futures:
+            f.result()
+        if failed:
+            raise failed[0]
+    finally:
+        _busy.release()
+
+
+class Scratch:
+    """Scratch buffers, one per worker thread, each made by make() on first use."""
+
+    def __init__(self, make):
+        self._make, self._buffers = make, {}
+
+    def __getitem__(self, worker):
+        if worker not in self._buffers:   # only thread `worker` ever asks for this key
+            self._buffers[worker] = self._make()
+        return self._buffers[worker]

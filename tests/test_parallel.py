@@ -1,0 +1,187 @@
+"""The CPU kernels' thread pool (autograd/parallel.py) and the kernels that use it.
+
+Every chunked kernel must give the same numbers, bit for bit, whatever the
+number of threads and whichever thread ran which chunk, and the same as its
+reference version; the pool must run every chunk exactly once and pass on
+errors.
+"""
+import threading
+
+import numpy as np
+import pytest
+
+from autograd import parallel
+from autograd.kernels import conv as conv_k
+from autograd.kernels import norm as norm_k
+
+needs_threadpoolctl = pytest.mark.skipif(parallel._blas() is None,
+                                         reason="threadpoolctl cannot steer this NumPy's BLAS")
+
+
+@pytest.fixture
+def threads():
+    """Set the pool's threads inside a test; the previous setting comes back after it."""
+    before = parallel.num_threads()
+    yield parallel.set_num_threads
+    parallel.set_num_threads(before)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 100])
+def test_parallel_for_runs_each_index_once(n, n_threads, threads):
+    if n_threads > 1 and parallel._blas() is None:
+        pytest.skip("threadpoolctl cannot steer this NumPy's BLAS")
+    threads(n_threads)
+    seen, lock = [], threading.Lock()
+    workers = set()
+
+    def body(i, worker):
+        with lock:
+            seen.append(i)
+            workers.add(worker)
+
+    parallel.parallel_for(n, body)
+    assert sorted(seen) == list(range(n))
+    assert workers <= set(range(n_threads))
+
+
+@needs_threadpoolctl
+def test_parallel_for_raises_the_bodys_error_after_all_threads_stop(threads):
+    threads(2)
+    done = []
+
+    def body(i, worker):
+        if i == 3:
+            raise ValueError("chunk 3 is bad")
+        done.append(i)
+
+    with pytest.raises(ValueError, match="chunk 3 is bad"):
+        parallel.parallel_for(50, body)
+    assert 3 not in done
+    # The pool is usable again afterwards.
+    out = np.zeros(10)
+    parallel.parallel_for(10, lambda i, w: out.__setitem__(i, i))
+    np.testing.assert_array_equal(out, np.arange(10))
+
+
+@needs_threadpoolctl
+def test_nested_parallel_for_runs_in_order_instead_of_deadlocking(threads):
+    threads(2)
+    out = np.zeros((4, 5))
+
+    def outer(i, worker):
+        parallel.parallel_for(5, lambda j, w: out.__setitem__((i, j), 10 * i + j))
+
+    parallel.parallel_for(4, outer)
+    np.testing.assert_array_equal(out, 10 * np.arange(4)[:, None] + np.arange(5))
+
+
+@needs_threadpoolctl
+def test_blas_is_held_at_one_thread_and_given_back(threads):
+    libs = parallel._blas().lib_controllers
+    threads(1)
+    before = [lib.num_threads for lib in libs]
+    threads(2)
+    parallel.parallel_for(4, lambda i, w: None)
+    assert [lib.num_threads for lib in libs] == [1] * len(libs)
+    threads(1)
+    assert [lib.num_threads for lib in libs] == before
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2", None])
+def test_set_num_threads_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match="number of threads must be an integer >= 1"):
+        parallel.set_num_threads(bad)
+
+
+def test_scratch_makes_one_buffer_per_worker():
+    made = []
+    s = parallel.Scratch(lambda: made.append(1) or np.zeros(3))
+    assert s[0] is s[0] and s[1] is not s[0]
+    assert len(made) == 2
+
+
+# =============================================================================
+# The chunked kernels: one thread == several threads, bit for bit, == reference
+# =============================================================================
+
+CONV_CASES = [
+    # x shape, w shape, stride, padding, with bias
+    ((9, 4, 12, 12), (6, 4, 3, 3), 1, 1, True),      # im2col path
+    ((9, 12, 28, 28), (5, 12, 3, 3), 1, 1, True),    # shifted-output path (C_in >= 2 C_out, 28x28)
+    ((9, 4, 13, 11), (6, 4, 3, 3), 2, 1, False),     # stride 2: strided adds for dL/dx
+    ((9, 6, 7, 7), (5, 6, 1, 1), 1, 0, True),        # 1x1: a matrix product per image
+    ((9, 3, 8, 8), (4, 3, 3, 3), 1, 0, False),       # no padding
+]
+
+
+def _conv_all(x, w, b, stride, padding, g):
+    y = conv_k.conv2d_forward(x, w, stride, padding, bias=b)
+    return (y,) + conv_k.conv2d_backward(g, x, w, stride, padding, need_b=b is not None)
+
+
+@needs_threadpoolctl
+@pytest.mark.parametrize("x_shape, w_shape, stride, padding, bias", CONV_CASES)
+def test_conv_kernels_agree_across_threads_and_with_reference(x_shape, w_shape, stride, padding,
+                                                              bias, threads, monkeypatch):
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+    b = rng.standard_normal(w_shape[0]) if bias else None
+    Ho = conv_k.output_size(x_shape[2], w_shape[2], stride, padding)
+    Wo = conv_k.output_size(x_shape[3], w_shape[3], stride, padding)
+    g = rng.standard_normal((x_shape[0], w_shape[0], Ho, Wo))
+    monkeypatch.setitem(conv_k._CHUNK_BYTES, "cpu", 1)     # one image per chunk: 9 chunks
+    threads(1)
+    one = _conv_all(x, w, b, stride, padding, g)
+    for n in (2, 3):
+        threads(n)
+        for a, e in zip(_conv_all(x, w, b, stride, padding, g), one):
+            if e is None:
+                assert a is None
+            else:
+                np.testing.assert_array_equal(a, e)
+    # ... and the numbers are right: against the loop convolution and its adjoint.
+    y, dx, dw, db = one
+    expected = conv_k.conv2d_reference(x, w, stride, padding)
+    if b is not None:
+        expected = expected + b[:, None, None]
+    np.testing.assert_allclose(y, expected, rtol=1e-10, atol=1e-10)
+    # <g, conv(x, w)> is linear in x and in w, so its gradients are dx and dw exactly.
+    eps = 1e-6
+    dir_x, dir_w = rng.standard_normal(x.shape), rng.standard_normal(w.shape)
+    f = lambda x_, w_: np.sum(g * conv_k.conv2d_reference(x_, w_, stride, padding))  # noqa: E731
+    np.testing.assert_allclose(np.sum(dx * dir_x), (f(x + eps * dir_x, w) - f(x - eps * dir_x, w)) / (2 * eps),
+                               rtol=1e-6)
+    np.testing.assert_allclose(np.sum(dw * dir_w), (f(x, w + eps * dir_w) - f(x, w - eps * dir_w)) / (2 * eps),
+                               rtol=1e-6)
+    if b is not None:
+        np.testing.assert_allclose(db, g.sum(axis=(0, 2, 3)), rtol=1e-12)
+
+
+@needs_threadpoolctl
+@pytest.mark.parametrize("silu", [False, True])
+def test_group_norm_kernels_agree_across_threads(silu, threads, monkeypatch):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((11, 8, 5, 5))
+    w, b = rng.standard_normal(8), rng.standard_normal(8)
+    g = rng.standard_normal(x.shape)
+
+    def run():
+        y, mean, rstd, t = norm_k.group_norm_fused_forward(x, 4, w, b, 1e-5, silu=silu)
+        return (y, mean, rstd) + norm_k.group_norm_fused_backward(g, x, mean, rstd, 4, w, y, t)
+
+    monkeypatch.setitem(norm_k._CHUNK_BYTES, "cpu", 1)     # one image per chunk: 11 chunks
+    threads(1)
+    one = run()
+    threads(3)
+    for a, e in zip(run(), one):
+        np.testing.assert_array_equal(a, e)
+    # and against the plain formulas
+    y_ref, xhat, rstd = norm_k.group_norm_forward(x, 4, w, b, 1e-5)
+    if not silu:
+        np.testing.assert_allclose(one[0], y_ref, rtol=1e-10, atol=1e-12)
+        dx_ref, dw_ref, db_ref = norm_k.group_norm_backward(g, xhat, rstd, 4, w)
+        for a, e in zip(one[3:], (dx_ref, dw_ref, db_ref)):
+            np.testing.assert_allclose(a, e, rtol=1e-9, atol=1e-11)
+    else:
+        np.testing.assert_allclose(one[0], y_ref / (1 + np.exp(-y_ref)), rtol=1e-10, atol=1e-12)
