@@ -49,32 +49,42 @@ def output_size(size, k, stride, padding):
     return (size + 2 * padding - k) // stride + 1
 
 
-def _padded(x, b0, n, padding, buf):
-    """Images b0 .. b0+n-1 of x zero-padded into buf (n', C, Hp + 1, Wp), n' >= n.
+def _im2col(x, kh, kw, stride, padding, Ho, Wo, nb):
+    """-> (im2col, row): im2col(b0, n, worker) is the patch matrix (C*kh*kw, n*Ho*row)
+    of images b0 .. b0+n-1 (n <= nb), in a buffer of thread `worker` reused chunk after chunk.
 
-    buf is a chunk-sized scratch buffer whose border is zero and stays zero
-    (only the interior is ever written), so padding costs one copy of the
-    chunk, which stays in cache for the im2col that reads it next. The spare
-    zero row below is read by the last flat patch rows (see _patches).
+    Per thread, three buffers are made once: the chunk zero-padded, whose border
+    stays zero (only the interior is ever written), so padding costs one copy
+    of the chunk, which stays in cache for the im2col that reads it next; the
+    strided view (C, kh, kw, images, Ho, row) of its patches (no copy); and the
+    patch matrix itself. For stride 1, row = Wp and the last two axes of the
+    view are one flat run of Ho*Wp values (the extra columns are garbage to
+    drop; one spare zero row below the image is what the last run reads past
+    the end); otherwise row = Wo.
     """
-    H, W = x.shape[2:]
-    buf[:n, :, padding:padding + H, padding:padding + W] = x[b0:b0 + n]
-    return buf[:n]
-
-
-def _patches(x_pad, kh, kw, stride, Ho, Wo):
-    """A strided view (C, kh, kw, n, Ho, row) of a padded chunk's patches, no copy; row >= Wo.
-
-    For stride 1, row = Wp and the last two axes are one flat run of Ho*Wp
-    values (the extra columns are garbage to drop); otherwise row = Wo.
-    """
-    xp = get_array_module(x_pad)
-    n, C, _, Wp = x_pad.shape
-    sb, sc, sh, sw = x_pad.strides
+    xp = get_array_module(x)
+    B, C, H, W = x.shape
+    Hp, Wp = H + 2 * padding, W + 2 * padding
     row = Wp if stride == 1 else Wo
-    view = xp.lib.stride_tricks.as_strided(
-        x_pad, (C, kh, kw, n, Ho, row), (sc, sh, sw, sb, stride * sh, stride * sw))
-    return view, row
+    K = C * kh * kw
+
+    def make():
+        x_pad = xp.zeros((nb, C, Hp + 1, Wp), dtype=x.dtype)
+        sb, sc, sh, sw = x_pad.strides
+        view = xp.lib.stride_tricks.as_strided(
+            x_pad, (C, kh, kw, nb, Ho, row), (sc, sh, sw, sb, stride * sh, stride * sw))
+        return x_pad, view, xp.empty(K * nb * Ho * row, dtype=x.dtype)
+
+    bufs = Scratch(make)
+
+    def im2col(b0, n, worker):
+        x_pad, view, cols = bufs[worker]
+        x_pad[:n, :, padding:padding + H, padding:padding + W] = x[b0:b0 + n]
+        c = cols[:K * n * Ho * row].reshape(C, kh, kw, n, Ho, row)     # contiguous for any n
+        c[...] = view[:, :, :, :n]
+        return c.reshape(K, n * Ho * row)
+
+    return im2col, row
 
 
 def _chunk(B, rows_per_image, itemsize, x):
@@ -93,22 +103,17 @@ def conv2d_forward(x, w, stride=1, padding=0, bias=None):
         return _conv1x1_forward(x, w, b_col)
     if stride == 1 and C >= 2 * O and Ho * Wo >= 28 * 28 and backend.device_of(x) == "cpu":
         return _conv2d_forward_output_side(x, w, padding, b_col)
-    Hp, Wp = H + 2 * padding, W + 2 * padding
-    row = Wp if stride == 1 else Wo
     K = C * kh * kw
     w2 = w.reshape(O, K)
     y = xp.empty((B, O, Ho, Wo), dtype=x.dtype)
+    row = (W + 2 * padding) if stride == 1 else Wo
     nb = _chunk(B, K * Ho * row, x.itemsize, x)
-    pad_bufs = Scratch(lambda: xp.zeros((nb, C, Hp + 1, Wp), dtype=x.dtype))
-    col_bufs = Scratch(lambda: xp.empty(K * nb * Ho * row, dtype=x.dtype))
+    im2col, row = _im2col(x, kh, kw, stride, padding, Ho, Wo, nb)
 
     def chunk(i, worker):
         b0 = i * nb
         n = min(nb, B - b0)
-        view, _ = _patches(_padded(x, b0, n, padding, pad_bufs[worker]), kh, kw, stride, Ho, Wo)
-        c = col_bufs[worker][:K * n * Ho * row].reshape(C, kh, kw, n, Ho, row)   # contiguous for any n
-        c[...] = view                                                   # im2col of n images
-        yc = xp.matmul(w2, c.reshape(K, n * Ho * row)).reshape(O, n, Ho, row)
+        yc = xp.matmul(w2, im2col(b0, n, worker)).reshape(O, n, Ho, row)
         if b_col is not None:
             yc += b_col                                                 # while the chunk is in cache
         y[b0:b0 + n] = yc[:, :, :, :Wo].transpose(1, 0, 2, 3)
@@ -238,8 +243,7 @@ def conv2d_backward(grad, x, w, stride=1, padding=0, need_x=True, need_w=True, n
     row = Wp if stride == 1 else Wo
     nb = _chunk(B, K * Ho * row, x.itemsize, x)
     n_chunks = -(-B // nb)
-    pad_bufs = Scratch(lambda: xp.zeros((nb, C, Hp + 1, Wp), dtype=x.dtype))
-    col_bufs = Scratch(lambda: xp.empty(K * nb * Ho * row, dtype=x.dtype))
+    im2col, _ = _im2col(x, kh, kw, stride, padding, Ho, Wo, nb)
     # dL/dy with one row per column of the patch matrix (channels last: the
     # product cols @ g then runs faster in OpenBLAS than g^T @ cols^T); the
     # extra columns stay zero, so the garbage patches they stand for add nothing.
@@ -263,10 +267,7 @@ def conv2d_backward(grad, x, w, stride=1, padding=0, need_x=True, need_w=True, n
         if need_b:
             db_parts[r] += g2.sum(axis=0)
         if need_w:
-            view, _ = _patches(_padded(x, b0, n, padding, pad_bufs[worker]), kh, kw, stride, Ho, Wo)
-            c = col_bufs[worker][:K * n * Ho * row].reshape(C, kh, kw, n, Ho, row)
-            c[...] = view
-            dw_parts[r] += xp.matmul(c.reshape(K, n * Ho * row), g2)
+            dw_parts[r] += xp.matmul(im2col(b0, n, worker), g2)
         if need_x and dx is None:
             dcols = xp.matmul(w2.T, g2.T).reshape(C, kh, kw, n, Ho, row)   # patch gradients
             for u in range(kh):
