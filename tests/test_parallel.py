@@ -209,3 +209,22 @@ def test_a_forked_child_makes_its_own_pool(threads):
     os.kill(pid, 9)
     os.waitpid(pid, 0)
     pytest.fail("the forked child's parallel_for hung (it waited on the parent's threads)")
+
+
+@needs_threadpoolctl
+@pytest.mark.parametrize("scale", [2, 3])
+def test_upsample_kernels_match_references_for_any_threads(scale, threads, monkeypatch):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((7, 3, 4, 5))
+    g = rng.standard_normal((7, 3, 4 * scale, 5 * scale))
+    monkeypatch.setitem(conv_k._CHUNK_BYTES, "cpu", 1)     # one image per chunk
+    for n in (1, 3):
+        threads(n)
+        np.testing.assert_array_equal(conv_k.upsample_nearest2d_forward(x, scale),
+                                      conv_k.upsample_nearest2d_forward_reference(x, scale))
+        np.testing.assert_allclose(conv_k.upsample_nearest2d_backward(g, scale),
+                                   conv_k.upsample_nearest2d_backward_reference(g, scale), rtol=1e-12)
+    # and the reference is what it says: pixel (i, j) comes from (i // scale, j // scale)
+    y = conv_k.upsample_nearest2d_forward_reference(x, scale)
+    i, j = np.arange(4 * scale), np.arange(5 * scale)
+    np.testing.assert_array_equal(y, x[:, :, i[:, None] // scale, j[None, :] // scale])
