@@ -12,7 +12,7 @@ from . import backend
 from .kernels import attention as attn_k
 from .kernels import conv as conv_k
 from .kernels import norm as norm_k
-from .tensor import Function, Tensor
+from .tensor import Function, Tensor, is_grad_enabled
 
 
 def _as_tensor(x):
@@ -286,8 +286,9 @@ class GroupNormSiLU(Function):
 
     def forward(self, x, weight, bias):
         self.x, self.weight = x, weight
+        # t is only needed by backward; under no_grad (sampling) it is not kept.
         y, self.mean, self.rstd, self.t = norm_k.group_norm_fused_forward(
-            x, self.num_groups, weight, bias, self.eps, silu=True)
+            x, self.num_groups, weight, bias, self.eps, silu=True, keep_t=is_grad_enabled())
         self.y = y      # no op writes into its input, so the output can be kept as is
         return y
 

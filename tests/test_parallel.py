@@ -228,3 +228,15 @@ def test_upsample_kernels_match_references_for_any_threads(scale, threads, monke
     y = conv_k.upsample_nearest2d_forward_reference(x, scale)
     i, j = np.arange(4 * scale), np.arange(5 * scale)
     np.testing.assert_array_equal(y, x[:, :, i[:, None] // scale, j[None, :] // scale])
+
+
+def test_group_norm_silu_without_keeping_t_gives_the_same_output(monkeypatch):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 8, 6, 6))
+    w, b = rng.standard_normal(8), rng.standard_normal(8)
+    monkeypatch.setitem(norm_k._CHUNK_BYTES, "cpu", 1)
+    y, mean, rstd, t = norm_k.group_norm_fused_forward(x, 4, w, b, 1e-5, silu=True)
+    y2, mean2, rstd2, t2 = norm_k.group_norm_fused_forward(x, 4, w, b, 1e-5, silu=True, keep_t=False)
+    assert t is not None and t2 is None
+    for a, e in ((y2, y), (mean2, mean), (rstd2, rstd)):
+        np.testing.assert_array_equal(a, e)

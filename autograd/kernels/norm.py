@@ -93,7 +93,7 @@ def _scale_shift(mean, rstd, weight, bias):
     return a.reshape(n, -1, 1), c.reshape(n, -1, 1)
 
 
-def group_norm_fused_forward(x, num_groups, weight, bias, eps, silu=False):
+def group_norm_fused_forward(x, num_groups, weight, bias, eps, silu=False, keep_t=True):
     """x (B, C, ...), weight and bias (C,) -> y, mean and rstd (B, G), t.
 
     y = group_norm(x), or with silu=True y = silu(group_norm(x)). SiLU of
@@ -101,7 +101,9 @@ def group_norm_fused_forward(x, num_groups, weight, bias, eps, silu=False):
     and c) and t = tanh(h), since sigmoid(z) = (1 + t) / 2:
         y = z sigmoid(z) = h (1 + t) = h t + h,
     three passes after the normalization, no overflow. t (None without silu)
-    is what the backward needs besides y: it saves no normalized map.
+    is what the backward needs besides y: it saves no normalized map. With
+    keep_t=False (no backward to come: sampling) t lives in a chunk-sized
+    scratch buffer instead, and None is returned for it.
     """
     xp = get_array_module(x)
     B, C = x.shape[:2]
@@ -110,10 +112,11 @@ def group_norm_fused_forward(x, num_groups, weight, bias, eps, silu=False):
     x3 = x.reshape(B, C, -1)                                            # (B, C, H*W)
     n_group = f(x3.shape[2] * (C // G))                                 # values per group
     y = xp.empty_like(x3)
-    t = xp.empty_like(x3) if silu else None
+    t = xp.empty_like(x3) if (silu and keep_t) else None
     mean, rstd = xp.empty((B, G), dtype=x.dtype), xp.empty((B, G), dtype=x.dtype)
     nb = _chunk(x3)
     h_bufs = Scratch(lambda: xp.empty((nb,) + x3.shape[1:], dtype=x.dtype))
+    t_bufs = None if keep_t else Scratch(lambda: xp.empty((nb,) + x3.shape[1:], dtype=x.dtype))
 
     def chunk(i, worker):
         b0 = i * nb
@@ -133,12 +136,12 @@ def group_norm_fused_forward(x, num_groups, weight, bias, eps, silu=False):
         half = f(0.5)
         h = xp.multiply(xc, a * half, out=h_bufs[worker][:n])          # h = z / 2
         h += c * half
-        tc = xp.tanh(h, out=t[b0:b0 + n])
+        tc = xp.tanh(h, out=t[b0:b0 + n] if keep_t else t_bufs[worker][:n])
         yc = xp.multiply(h, tc, out=y[b0:b0 + n])                       # y = h t + h
         yc += h
 
     parallel_for(-(-B // nb), chunk, device_of(x))
-    return y.reshape(x.shape), mean, rstd, (t.reshape(x.shape) if silu else None)
+    return y.reshape(x.shape), mean, rstd, (t.reshape(x.shape) if t is not None else None)
 
 
 def group_norm_fused_backward(grad, x, mean, rstd, num_groups, weight, y=None, t=None):
