@@ -12,13 +12,15 @@ products (im2col copies, layout changes, the normalization passes) runs on one
 core: on a 2-core machine a second BLAS thread made a training step only ~5%
 faster. Running whole chunks (copy + product + write-back) side by side keeps
 both cores busy more of the time. The BLAS itself must then keep to one
-thread, for as long as the loops run, not only inside them: OpenBLAS's
+thread, for as long as the kernels run, not only inside the loops: OpenBLAS's
 threads spin for a while after each product, waiting for the next one, and
 take the core that a chunk's thread needs (capping the BLAS only inside each
 loop measured no faster than leaving all threads to the BLAS; capping it for
-the whole run, 1.3x faster). So the first parallel loop sets NumPy's BLAS to
-one thread for the rest of the process, and `set_num_threads(1)` gives it its
-threads back.
+the whole run, 1.3x faster). One BLAS thread per product also makes the
+numbers the same for any number of pool threads: a multi-threaded OpenBLAS
+product is not always bit for bit the single-threaded one. So the first
+kernel loop sets NumPy's BLAS to one thread for the rest of the process;
+`release_blas()` gives it its threads back (until the next kernel loop).
 
     parallel_for(n, body)   calls body(i, worker) for i in range(n)
 
@@ -30,10 +32,11 @@ in chunk order, after the loop. `worker` (0 .. threads-1) lets a body pick
 per-thread scratch buffers.
 
 How many threads: `set_num_threads(n)`, by default as many as NumPy's BLAS is
-set to use (so OMP_NUM_THREADS / OPENBLAS_NUM_THREADS limit both). Capping the
-BLAS while a loop runs needs threadpoolctl; without it (or with a BLAS it does
-not know), loops run on one thread. On a GPU loops always run in order: the
-device is already parallel, and CuPy queues every kernel on one stream.
+set to use when first asked (so OMP_NUM_THREADS / OPENBLAS_NUM_THREADS set
+both). Holding the BLAS at one thread needs threadpoolctl; without it (or
+with a BLAS it does not know), loops run on one thread and the BLAS keeps its
+own. On a GPU loops always run in order: the device is already parallel, and
+CuPy queues every kernel on one stream.
 """
 import itertools
 import os
@@ -50,6 +53,7 @@ _pool = None               # ThreadPoolExecutor with _threads - 1 workers (the c
 _controller = None         # threadpoolctl's view of the BLAS libraries NumPy loaded
 _busy = threading.Lock()   # one parallel loop at a time; a nested or concurrent one runs in order
 _blas_threads = None       # the BLAS's own thread count while we hold it at one thread
+_hold_lock = threading.Lock()
 
 
 def _forget_pool_after_fork():
@@ -85,9 +89,8 @@ def num_threads():
 
 
 def set_num_threads(n):
-    """Use n threads in the CPU kernels (n >= 1); 1 runs every loop in order and
-    gives NumPy's BLAS back the threads it had (see the module doc)."""
-    global _threads, _pool, _blas_threads
+    """Use n threads in the CPU kernels (n >= 1); 1 runs every loop in order."""
+    global _threads, _pool
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"number of threads must be an integer >= 1, got {n!r}")
     if n > 1 and _blas() is None:
@@ -97,21 +100,30 @@ def set_num_threads(n):
         if _pool is not None:
             _pool.shutdown(wait=True)
             _pool = None
-        if n == 1 and _blas_threads is not None:
-            for lib in _blas().lib_controllers:
-                lib.set_num_threads(_blas_threads)
-            _blas_threads = None
         _threads = n
 
 
 def _hold_blas():
     """Keep NumPy's BLAS at one thread from now on (the pool's threads do the sharing)."""
     global _blas_threads
-    if _blas_threads is None:
-        blas = _blas()
-        _blas_threads = max(c.num_threads for c in blas.lib_controllers)
-        for lib in blas.lib_controllers:
-            lib.set_num_threads(1)
+    if _blas_threads is not None or _blas() is None:
+        return
+    with _hold_lock:
+        if _blas_threads is None:
+            num_threads()              # fix the default from the BLAS's count before capping it
+            _blas_threads = max(c.num_threads for c in _blas().lib_controllers)
+            for lib in _blas().lib_controllers:
+                lib.set_num_threads(1)
+
+
+def release_blas():
+    """Give NumPy's BLAS back the threads it had before the first kernel loop held it."""
+    global _blas_threads
+    with _hold_lock:
+        if _blas_threads is not None:
+            for lib in _blas().lib_controllers:
+                lib.set_num_threads(_blas_threads)
+            _blas_threads = None
 
 
 def parallel_for(n, body, device="cpu"):
@@ -120,7 +132,12 @@ def parallel_for(n, body, device="cpu"):
     Each i runs exactly once; bodies must write disjoint outputs. An exception in
     any body is raised here once every thread has stopped.
     """
-    threads = min(n, num_threads()) if device == "cpu" else 1
+    if device != "cpu":
+        for i in range(n):
+            body(i, 0)
+        return
+    _hold_blas()
+    threads = min(n, num_threads())
     if threads <= 1 or not _busy.acquire(blocking=False):
         for i in range(n):
             body(i, 0)
@@ -143,7 +160,6 @@ def parallel_for(n, body, device="cpu"):
                     failed.append(e)
                     return
 
-        _hold_blas()
         futures = [_pool.submit(run, w) for w in range(1, threads)]
         run(0)
         for f in futures:

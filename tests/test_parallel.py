@@ -77,14 +77,15 @@ def test_nested_parallel_for_runs_in_order_instead_of_deadlocking(threads):
 
 
 @needs_threadpoolctl
-def test_blas_is_held_at_one_thread_and_given_back(threads):
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_blas_is_held_at_one_thread_and_given_back(n_threads, threads):
     libs = parallel._blas().lib_controllers
-    threads(1)
+    parallel.release_blas()
     before = [lib.num_threads for lib in libs]
-    threads(2)
+    threads(n_threads)
     parallel.parallel_for(4, lambda i, w: None)
     assert [lib.num_threads for lib in libs] == [1] * len(libs)
-    threads(1)
+    parallel.release_blas()
     assert [lib.num_threads for lib in libs] == before
 
 
@@ -239,4 +240,35 @@ def test_group_norm_silu_without_keeping_t_gives_the_same_output(monkeypatch):
     y2, mean2, rstd2, t2 = norm_k.group_norm_fused_forward(x, 4, w, b, 1e-5, silu=True, keep_t=False)
     assert t is not None and t2 is None
     for a, e in ((y2, y), (mean2, mean), (rstd2, rstd)):
+        np.testing.assert_array_equal(a, e)
+
+
+@needs_threadpoolctl
+def test_unet_gradients_are_the_same_for_any_number_of_threads(threads, monkeypatch):
+    """The whole training step's arithmetic, not only each kernel: one thread
+    and three give equal bits (every product runs on one BLAS thread)."""
+    from autograd import Tensor
+    import autograd.functional as F
+    from tinyddpm.unet import PRESETS, UNet
+
+    monkeypatch.setitem(conv_k._CHUNK_BYTES, "cpu", 64 << 10)   # several chunks even at batch 4
+    monkeypatch.setitem(norm_k._CHUNK_BYTES, "cpu", 8 << 10)
+    rng = np.random.default_rng(4)
+    model = UNet(**PRESETS["mnist-tiny"])
+    for p in model.parameters():          # off the zero init, so that every branch carries gradient
+        p.data[...] = (rng.standard_normal(p.shape) * 0.05).astype(p.dtype)
+    x = rng.standard_normal((4, 1, 28, 28)).astype(np.float32)
+    t = np.array([1, 250, 500, 999])
+    eps = rng.standard_normal(x.shape).astype(np.float32)
+
+    def grads():
+        for p in model.parameters():
+            p.grad = None
+        F.mse_loss(model(Tensor(x), t), Tensor(eps)).backward()
+        return [p.grad.copy() for p in model.parameters()]
+
+    threads(1)
+    one = grads()
+    threads(3)
+    for a, e in zip(grads(), one):
         np.testing.assert_array_equal(a, e)
