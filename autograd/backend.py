@@ -6,6 +6,9 @@ CuPy share, so one code path serves the CPU and the GPU. This is the only file
 in the project that imports CuPy; everything else stays importable and testable
 on a machine that has neither CuPy nor a GPU.
 """
+import ctypes
+import platform
+
 import numpy as np
 
 try:  # CuPy is optional: `pip install tinyddpm[cuda12]` or `[cuda13]`
@@ -103,3 +106,42 @@ def global_rng(device="cpu"):
         # Different streams per device from one seed: the device name is mixed in.
         _global_rngs[device] = default_rng(None if seed is None else [seed, len(device)], device)
     return _global_rngs[device]
+
+
+# =============================================================================
+# Host memory
+# =============================================================================
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_host_memory_kept = False
+
+
+def keep_freed_host_memory():
+    """Ask glibc's malloc to keep freed memory for the next arrays (once per process).
+
+    A training step allocates and frees the same full-size arrays again and
+    again. By default glibc serves anything above a moving threshold with a
+    fresh mmap and hands the top of its heap back to the OS once more than
+    twice that is free, so the next step's arrays land on fresh pages: a page
+    fault and a zeroed page per 4 KB written, serialized between threads. A
+    group norm forward at 32 channels, 28x28, batch 64, on 2 threads took
+    9.0 ms with 1329 page faults per call, 3.7 ms with 55 after this. What
+    it costs: the process's resident memory stays at its peak instead of
+    shrinking between steps (the peak itself does not change). Arrays above
+    32 MB (glibc's ceiling for the threshold) still get their own mapping.
+    Does nothing where the C library is not glibc; returns whether it applied.
+    CuPy needs none of this: its memory pool already reuses device memory.
+    """
+    global _host_memory_kept
+    if _host_memory_kept:
+        return True
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    except (OSError, AttributeError):
+        return False
+    _host_memory_kept = bool(ok)
+    return _host_memory_kept

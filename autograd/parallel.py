@@ -43,6 +43,8 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from . import backend
+
 try:
     import threadpoolctl
 except ImportError:  # pragma: no cover - it is a dependency; kept optional for odd installs
@@ -116,6 +118,16 @@ def _hold_blas():
                 lib.set_num_threads(1)
 
 
+_host_memory_asked = False
+
+
+def _keep_host_memory():
+    """Once: glibc's malloc keeps freed memory (backend.keep_freed_host_memory says why)."""
+    global _host_memory_asked
+    _host_memory_asked = True
+    backend.keep_freed_host_memory()
+
+
 def release_blas():
     """Give NumPy's BLAS back the threads it had before the first kernel loop held it."""
     global _blas_threads
@@ -136,6 +148,8 @@ def parallel_for(n, body, device="cpu"):
         for i in range(n):
             body(i, 0)
         return
+    if not _host_memory_asked:
+        _keep_host_memory()
     _hold_blas()
     threads = min(n, num_threads())
     if threads <= 1 or not _busy.acquire(blocking=False):

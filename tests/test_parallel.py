@@ -272,3 +272,25 @@ def test_unet_gradients_are_the_same_for_any_number_of_threads(threads, monkeypa
     threads(3)
     for a, e in zip(grads(), one):
         np.testing.assert_array_equal(a, e)
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_freed_host_memory_is_reused_after_the_first_kernel_loop():
+    """Two 8 MB arrays made and dropped again and again: with glibc's defaults
+    each round lands on fresh pages (thousands of page faults); once the
+    kernels have asked malloc to keep freed memory, the pages are reused."""
+    import resource
+
+    from autograd import backend
+    parallel.parallel_for(2, lambda i, w: None)
+    assert backend.keep_freed_host_memory() is True
+
+    def faults_per_round(rounds=20):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(rounds):
+            a, b = np.ones(2 << 20, np.float32), np.ones(2 << 20, np.float32)   # 8 MB each
+            del a, b
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / rounds
+
+    faults_per_round(3)                       # the heap grows once
+    assert faults_per_round() < 100           # 4096 per round when each array is a fresh mapping
