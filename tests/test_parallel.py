@@ -294,3 +294,30 @@ def test_freed_host_memory_is_reused_after_the_first_kernel_loop():
 
     faults_per_round(3)                       # the heap grows once
     assert faults_per_round() < 100           # 4096 per round when each array is a fresh mapping
+
+
+@needs_threadpoolctl
+def test_attention_kernels_agree_across_threads_and_with_the_formulas(threads, monkeypatch):
+    from autograd.kernels import attention as attn_k
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((7, 5, 4)), rng.standard_normal((7, 6, 4)),
+               rng.standard_normal((7, 6, 3)))
+    g = rng.standard_normal((7, 5, 3))
+    monkeypatch.setitem(attn_k._CHUNK_BYTES, "cpu", 1)     # one example per chunk
+
+    def run():
+        out, p = attn_k.attention_forward(q, k, v)
+        return (out, p) + attn_k.attention_backward(g, q, k, v, p)
+
+    threads(1)
+    one = run()
+    threads(3)
+    for a, e in zip(run(), one):
+        np.testing.assert_array_equal(a, e)
+    s = np.einsum("bqd,bkd->bqk", q, k) / 2.0                   # d = 4: scale 1/2
+    p = np.exp(s - s.max(axis=2, keepdims=True))
+    p /= p.sum(axis=2, keepdims=True)
+    np.testing.assert_allclose(one[1], p, rtol=1e-12)
+    np.testing.assert_allclose(one[0], p @ v, rtol=1e-12)
+    # <g, O> is linear in v: its gradient is P^T g exactly
+    np.testing.assert_allclose(one[4], p.transpose(0, 2, 1) @ g, rtol=1e-12)

@@ -8,18 +8,40 @@ Backward, with G = dL/dO:
     dq = dS k / sqrt(d),   dk = dS^T q / sqrt(d)
 (the middle line is the softmax's backward). Forward keeps P, so backward does
 no exponentials; for MNIST's 7x7 and 14x14 maps P is small (N <= 196).
+
+Every line is per example, so both directions go through the batch a few
+examples at a time on the CPU kernels' thread pool (autograd/parallel.py),
+each chunk writing its own slices of the outputs.
 """
+from .. import backend
 from ..backend import get_array_module
+from ..parallel import parallel_for
+
+# Bytes of attention weights P per chunk: a GPU takes the whole batch at once.
+_CHUNK_BYTES = {"cpu": 1 << 20, "cuda": 1 << 40}
 
 
-def softmax_forward(x, axis=-1):
+def _chunks(q, k):
+    """(examples per chunk, number of chunks) for q (B, Nq, d), k (B, Nk, d)."""
+    B, Nq, Nk = q.shape[0], q.shape[1], k.shape[1]
+    nb = max(1, min(B, _CHUNK_BYTES[backend.device_of(q)] // max(1, Nq * Nk * q.itemsize)))
+    return nb, -(-B // nb)
+
+
+def softmax_forward(x, axis=-1, in_place=False):
     """exp(x - max) / sum: subtracting the max keeps exp from overflowing.
 
-    One new array, updated in place (exp, then the division), since the
-    attention weights are the largest arrays of an attention block.
+    One new array (or x itself, with in_place=True: attention's scores are
+    not needed once they are weights), updated in place, exp then the
+    division, since the attention weights are the largest arrays of an
+    attention block.
     """
     xp = get_array_module(x)
-    e = x - x.max(axis=axis, keepdims=True)
+    if in_place:
+        x -= x.max(axis=axis, keepdims=True)
+        e = x
+    else:
+        e = x - x.max(axis=axis, keepdims=True)
     xp.exp(e, out=e)
     e /= e.sum(axis=axis, keepdims=True)
     return e
@@ -37,18 +59,34 @@ def attention_forward(q, k, v):
     """-> (O, P): the output and the attention weights saved for backward."""
     xp = get_array_module(q, k, v)
     scale = q.dtype.type(q.shape[-1] ** -0.5)
-    s = xp.matmul(q, k.transpose(0, 2, 1))                              # (B, Nq, Nk)
-    s *= scale
-    p = softmax_forward(s)
-    return xp.matmul(p, v), p                                          # (B, Nq, dv)
+    B, Nq, Nk = q.shape[0], q.shape[1], k.shape[1]
+    out = xp.empty((B, Nq, v.shape[2]), dtype=q.dtype)
+    p = xp.empty((B, Nq, Nk), dtype=q.dtype)
+    nb, n_chunks = _chunks(q, k)
+
+    def chunk(i, worker):
+        c = slice(i * nb, (i + 1) * nb)
+        s = xp.matmul(q[c], k[c].transpose(0, 2, 1), out=p[c])         # scores (n, Nq, Nk)
+        s *= scale
+        xp.matmul(softmax_forward(s, in_place=True), v[c], out=out[c])   # (n, Nq, dv)
+
+    parallel_for(n_chunks, chunk, backend.device_of(q))
+    return out, p
 
 
 def attention_backward(grad, q, k, v, p):
     xp = get_array_module(grad, q, k, v)
     scale = q.dtype.type(q.shape[-1] ** -0.5)
-    dv = xp.matmul(p.transpose(0, 2, 1), grad)                         # (B, Nk, dv)
-    ds = softmax_backward(xp.matmul(grad, v.transpose(0, 2, 1)), p)    # (B, Nq, Nk)
-    ds *= scale
-    dq = xp.matmul(ds, k)
-    dk = xp.matmul(ds.transpose(0, 2, 1), q)
+    dq, dk, dv = xp.empty_like(q), xp.empty_like(k), xp.empty_like(v)
+    nb, n_chunks = _chunks(q, k)
+
+    def chunk(i, worker):
+        c = slice(i * nb, (i + 1) * nb)
+        xp.matmul(p[c].transpose(0, 2, 1), grad[c], out=dv[c])        # (n, Nk, dv)
+        ds = softmax_backward(xp.matmul(grad[c], v[c].transpose(0, 2, 1)), p[c])   # (n, Nq, Nk)
+        ds *= scale
+        xp.matmul(ds, k[c], out=dq[c])
+        xp.matmul(ds.transpose(0, 2, 1), q[c], out=dk[c])
+
+    parallel_for(n_chunks, chunk, backend.device_of(q))
     return dq, dk, dv
