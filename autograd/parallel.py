@@ -38,6 +38,7 @@ with a BLAS it does not know), loops run on one thread and the BLAS keeps its
 own. On a GPU loops always run in order: the device is already parallel, and
 CuPy queues every kernel on one stream.
 """
+import concurrent.futures
 import itertools
 import os
 import threading
@@ -86,7 +87,9 @@ def num_threads():
         if blas is None:
             _threads = 1
         else:
-            _threads = max(1, min(c.num_threads for c in blas.lib_controllers))
+            # OpenBLAS counts the CPUs of the affinity mask; never more than those.
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            _threads = max(1, min([cpus or 1] + [c.num_threads for c in blas.lib_controllers]))
     return _threads
 
 
@@ -98,11 +101,15 @@ def set_num_threads(n):
     if n > 1 and _blas() is None:
         raise RuntimeError("cannot use more than one thread: threadpoolctl is not installed or "
                            "does not recognize NumPy's BLAS (pip install threadpoolctl)")
-    with _busy:
+    if not _busy.acquire(blocking=False):
+        raise RuntimeError("cannot change the number of threads while a parallel loop runs")
+    try:
         if _pool is not None:
             _pool.shutdown(wait=True)
             _pool = None
         _threads = n
+    finally:
+        _busy.release()
 
 
 def _hold_blas():
@@ -174,12 +181,20 @@ def parallel_for(n, body, device="cpu"):
                     failed.append(e)
                     return
 
-        futures = [_pool.submit(run, w) for w in range(1, threads)]
-        run(0)
-        for f in futures:
-            f.result()
-        if failed:
-            raise failed[0]
+        futures = []
+        try:
+            for w in range(1, threads):
+                try:
+                    futures.append(_pool.submit(run, w))
+                except RuntimeError:       # the interpreter is shutting down: no new threads
+                    break
+            run(0)                         # shares the counter: does whatever is left
+        finally:
+            failed.append(None)            # workers take no further chunk (all handed out, or Ctrl-C)
+            concurrent.futures.wait(futures)   # and none writes after this call returns
+        errors = [e for e in failed if e is not None]
+        if errors:
+            raise errors[0]
     finally:
         _busy.release()
 

@@ -89,6 +89,43 @@ def test_blas_is_held_at_one_thread_and_given_back(n_threads, threads):
     assert [lib.num_threads for lib in libs] == before
 
 
+@needs_threadpoolctl
+def test_set_num_threads_inside_a_loop_is_refused_not_a_deadlock(threads):
+    threads(2)
+    seen = []
+
+    def body(i, worker):
+        with pytest.raises(RuntimeError, match="while a parallel loop runs"):
+            parallel.set_num_threads(1)
+        seen.append(i)
+
+    parallel.parallel_for(3, body)
+    assert sorted(seen) == [0, 1, 2]
+
+
+@needs_threadpoolctl
+def test_a_pool_that_takes_no_more_work_leaves_the_caller_to_do_it(threads, monkeypatch):
+    """At interpreter shutdown (atexit, a thread still running) the executor
+    refuses new tasks; the calling thread then runs every chunk itself."""
+    from concurrent.futures import ThreadPoolExecutor
+    threads(2)
+    closed = ThreadPoolExecutor(1)
+    closed.shutdown()
+    monkeypatch.setattr(parallel, "_pool", closed)
+    out = np.zeros(9)
+    parallel.parallel_for(9, lambda i, w: out.__setitem__(i, i + 1))
+    np.testing.assert_array_equal(out, np.arange(1, 10))
+    monkeypatch.setattr(parallel, "_pool", None)
+
+
+def test_default_threads_never_exceed_the_cpus_this_process_may_use(monkeypatch):
+    import os
+    monkeypatch.setattr(parallel, "_threads", None)
+    n = parallel.num_threads()
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert 1 <= n <= cpus
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2", None])
 def test_set_num_threads_rejects_bad_values(bad):
     with pytest.raises(ValueError, match="number of threads must be an integer >= 1"):
@@ -106,6 +143,15 @@ def test_scratch_makes_one_buffer_per_worker():
 # The chunked kernels: one thread == several threads, bit for bit, == reference
 # =============================================================================
 
+def images_per_chunk(monkeypatch, k):
+    """Make every chunked kernel take k images (examples) per chunk: with a
+    batch of 9 and k = 4 the last chunk is shorter, with k = 1 there are 9."""
+    from autograd.kernels import attention as attn_k
+    monkeypatch.setattr(conv_k, "_chunk", lambda B, *args: min(B, k))
+    monkeypatch.setattr(norm_k, "_chunk", lambda x3: min(x3.shape[0], k))
+    monkeypatch.setattr(attn_k, "_chunks", lambda q, kk: (min(q.shape[0], k), -(-q.shape[0] // k)))
+
+
 CONV_CASES = [
     # x shape, w shape, stride, padding, with bias
     ((9, 4, 12, 12), (6, 4, 3, 3), 1, 1, True),      # im2col path
@@ -113,6 +159,11 @@ CONV_CASES = [
     ((9, 4, 13, 11), (6, 4, 3, 3), 2, 1, False),     # stride 2: strided adds for dL/dx
     ((9, 6, 7, 7), (5, 6, 1, 1), 1, 0, True),        # 1x1: a matrix product per image
     ((9, 3, 8, 8), (4, 3, 3, 3), 1, 0, False),       # no padding
+    ((9, 4, 10, 9), (5, 4, 3, 2), 1, 1, True),       # non-square kernel: dL/dx by strided adds
+    ((9, 3, 6, 6), (4, 3, 3, 3), 1, 3, False),       # padding > k - 1: dL/dx by strided adds
+    ((9, 6, 8, 8), (5, 6, 1, 1), 2, 0, True),        # 1x1 with stride 2 (the im2col path)
+    ((1, 4, 12, 12), (6, 4, 3, 3), 1, 1, True),      # a batch of one
+    ((9, 12, 30, 32), (5, 12, 3, 3), 1, 0, False),   # shifted-output path, non-square, no padding
 ]
 
 
@@ -122,16 +173,17 @@ def _conv_all(x, w, b, stride, padding, g):
 
 
 @needs_threadpoolctl
+@pytest.mark.parametrize("per_chunk", [1, 4])
 @pytest.mark.parametrize("x_shape, w_shape, stride, padding, bias", CONV_CASES)
 def test_conv_kernels_agree_across_threads_and_with_reference(x_shape, w_shape, stride, padding,
-                                                              bias, threads, monkeypatch):
+                                                              bias, per_chunk, threads, monkeypatch):
     rng = np.random.default_rng(0)
     x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
     b = rng.standard_normal(w_shape[0]) if bias else None
     Ho = conv_k.output_size(x_shape[2], w_shape[2], stride, padding)
     Wo = conv_k.output_size(x_shape[3], w_shape[3], stride, padding)
     g = rng.standard_normal((x_shape[0], w_shape[0], Ho, Wo))
-    monkeypatch.setitem(conv_k._CHUNK_BYTES, "cpu", 1)     # one image per chunk: 9 chunks
+    images_per_chunk(monkeypatch, per_chunk)
     threads(1)
     one = _conv_all(x, w, b, stride, padding, g)
     for n in (2, 3):
@@ -157,13 +209,22 @@ def test_conv_kernels_agree_across_threads_and_with_reference(x_shape, w_shape, 
                                rtol=1e-6)
     if b is not None:
         np.testing.assert_allclose(db, g.sum(axis=(0, 2, 3)), rtol=1e-12)
+    # Asking for less gives the same arrays for what is asked.
+    for need in ((True, False, False), (False, True, False), (False, False, True)):
+        part = conv_k.conv2d_backward(g, x, w, stride, padding, *need)
+        for got, full, asked in zip(part, (dx, dw, g.sum(axis=(0, 2, 3))), need):
+            if asked:
+                np.testing.assert_allclose(got, full, rtol=1e-12, atol=1e-12)
+            else:
+                assert got is None
 
 
 @needs_threadpoolctl
+@pytest.mark.parametrize("per_chunk", [1, 4])
 @pytest.mark.parametrize("silu", [False, True])
-def test_group_norm_kernels_agree_across_threads(silu, threads, monkeypatch):
+def test_group_norm_kernels_agree_across_threads(silu, per_chunk, threads, monkeypatch):
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((11, 8, 5, 5))
+    x = rng.standard_normal((9, 8, 5, 5))
     w, b = rng.standard_normal(8), rng.standard_normal(8)
     g = rng.standard_normal(x.shape)
 
@@ -171,7 +232,7 @@ def test_group_norm_kernels_agree_across_threads(silu, threads, monkeypatch):
         y, mean, rstd, t = norm_k.group_norm_fused_forward(x, 4, w, b, 1e-5, silu=silu)
         return (y, mean, rstd) + norm_k.group_norm_fused_backward(g, x, mean, rstd, 4, w, y, t)
 
-    monkeypatch.setitem(norm_k._CHUNK_BYTES, "cpu", 1)     # one image per chunk: 11 chunks
+    images_per_chunk(monkeypatch, per_chunk)
     threads(1)
     one = run()
     threads(3)
@@ -185,7 +246,16 @@ def test_group_norm_kernels_agree_across_threads(silu, threads, monkeypatch):
         for a, e in zip(one[3:], (dx_ref, dw_ref, db_ref)):
             np.testing.assert_allclose(a, e, rtol=1e-9, atol=1e-11)
     else:
-        np.testing.assert_allclose(one[0], y_ref / (1 + np.exp(-y_ref)), rtol=1e-10, atol=1e-12)
+        sig = 1 / (1 + np.exp(-y_ref))
+        np.testing.assert_allclose(one[0], y_ref * sig, rtol=1e-10, atol=1e-12)
+        dz = g * (sig + y_ref * sig * (1 - sig))                  # SiLU's derivative, then the group norm's
+        dx_ref, dw_ref, db_ref = norm_k.group_norm_backward(dz, xhat, rstd, 4, w)
+        for a, e in zip(one[3:], (dx_ref, dw_ref, db_ref)):
+            np.testing.assert_allclose(a, e, rtol=1e-9, atol=1e-11)
+        # keep_t=False (sampling) on several threads: the same output
+        threads(3)
+        y2 = norm_k.group_norm_fused_forward(x, 4, w, b, 1e-5, silu=True, keep_t=False)[0]
+        np.testing.assert_array_equal(y2, one[0])
 
 
 @needs_threadpoolctl
@@ -213,12 +283,13 @@ def test_a_forked_child_makes_its_own_pool(threads):
 
 
 @needs_threadpoolctl
+@pytest.mark.parametrize("per_chunk", [1, 4])
 @pytest.mark.parametrize("scale", [2, 3])
-def test_upsample_kernels_match_references_for_any_threads(scale, threads, monkeypatch):
+def test_upsample_kernels_match_references_for_any_threads(scale, per_chunk, threads, monkeypatch):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((7, 3, 4, 5))
     g = rng.standard_normal((7, 3, 4 * scale, 5 * scale))
-    monkeypatch.setitem(conv_k._CHUNK_BYTES, "cpu", 1)     # one image per chunk
+    images_per_chunk(monkeypatch, per_chunk)
     for n in (1, 3):
         threads(n)
         np.testing.assert_array_equal(conv_k.upsample_nearest2d_forward(x, scale),
@@ -274,7 +345,15 @@ def test_unet_gradients_are_the_same_for_any_number_of_threads(threads, monkeypa
         np.testing.assert_array_equal(a, e)
 
 
-@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def _glibc():
+    import os
+    try:
+        return bool(os.confstr("CS_GNU_LIBC_VERSION"))
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
+@pytest.mark.skipif(not _glibc(), reason="glibc's malloc only")
 def test_freed_host_memory_is_reused_after_the_first_kernel_loop():
     """Two 8 MB arrays made and dropped again and again: with glibc's defaults
     each round lands on fresh pages (thousands of page faults); once the
@@ -297,13 +376,14 @@ def test_freed_host_memory_is_reused_after_the_first_kernel_loop():
 
 
 @needs_threadpoolctl
-def test_attention_kernels_agree_across_threads_and_with_the_formulas(threads, monkeypatch):
+@pytest.mark.parametrize("per_chunk", [1, 4])
+def test_attention_kernels_agree_across_threads_and_with_the_formulas(per_chunk, threads, monkeypatch):
     from autograd.kernels import attention as attn_k
     rng = np.random.default_rng(5)
-    q, k, v = (rng.standard_normal((7, 5, 4)), rng.standard_normal((7, 6, 4)),
-               rng.standard_normal((7, 6, 3)))
-    g = rng.standard_normal((7, 5, 3))
-    monkeypatch.setitem(attn_k._CHUNK_BYTES, "cpu", 1)     # one example per chunk
+    q, k, v = (rng.standard_normal((9, 5, 4)), rng.standard_normal((9, 6, 4)),
+               rng.standard_normal((9, 6, 3)))
+    g = rng.standard_normal((9, 5, 3))
+    images_per_chunk(monkeypatch, per_chunk)
 
     def run():
         out, p = attn_k.attention_forward(q, k, v)
@@ -319,5 +399,21 @@ def test_attention_kernels_agree_across_threads_and_with_the_formulas(threads, m
     p /= p.sum(axis=2, keepdims=True)
     np.testing.assert_allclose(one[1], p, rtol=1e-12)
     np.testing.assert_allclose(one[0], p @ v, rtol=1e-12)
-    # <g, O> is linear in v: its gradient is P^T g exactly
-    np.testing.assert_allclose(one[4], p.transpose(0, 2, 1) @ g, rtol=1e-12)
+    # The backward's formulas (module docstring of kernels/attention.py), written out:
+    dv = p.transpose(0, 2, 1) @ g
+    dp = g @ v.transpose(0, 2, 1)
+    ds = p * (dp - (dp * p).sum(axis=2, keepdims=True)) / 2.0
+    np.testing.assert_allclose(one[4], dv, rtol=1e-12)
+    np.testing.assert_allclose(one[2], ds @ k, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(one[3], ds.transpose(0, 2, 1) @ q, rtol=1e-10, atol=1e-12)
+
+
+def test_tinyddpm_malloc_default_leaves_glibc_alone():
+    import os
+    import subprocess
+    import sys
+    code = "from autograd import backend; print(backend.keep_freed_host_memory())"
+    env = dict(os.environ, TINYDDPM_MALLOC="default")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True)
+    assert out.stdout.strip() == "False"
