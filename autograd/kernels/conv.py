@@ -65,7 +65,7 @@ def _im2col(x, kh, kw, stride, padding, Ho, Wo, nb):
     xp = get_array_module(x)
     B, C, H, W = x.shape
     Hp, Wp = H + 2 * padding, W + 2 * padding
-    row = Wp if stride == 1 else Wo
+    row = _row(W, stride, padding, Wo)
     K = C * kh * kw
 
     def make():
@@ -87,6 +87,11 @@ def _im2col(x, kh, kw, stride, padding, Ho, Wo, nb):
     return im2col, row
 
 
+def _row(W, stride, padding, Wo):
+    """Length of a patch-matrix row per output row: the padded width for stride 1 (flat runs)."""
+    return W + 2 * padding if stride == 1 else Wo
+
+
 def _chunk(B, rows_per_image, itemsize, x):
     per_image = rows_per_image * itemsize
     return max(1, min(B, _CHUNK_BYTES[backend.device_of(x)] // max(1, per_image)))
@@ -106,9 +111,9 @@ def conv2d_forward(x, w, stride=1, padding=0, bias=None):
     K = C * kh * kw
     w2 = w.reshape(O, K)
     y = xp.empty((B, O, Ho, Wo), dtype=x.dtype)
-    row = (W + 2 * padding) if stride == 1 else Wo
+    row = _row(W, stride, padding, Wo)
     nb = _chunk(B, K * Ho * row, x.itemsize, x)
-    im2col, row = _im2col(x, kh, kw, stride, padding, Ho, Wo, nb)
+    im2col, _ = _im2col(x, kh, kw, stride, padding, Ho, Wo, nb)
 
     def chunk(i, worker):
         b0 = i * nb
@@ -240,7 +245,7 @@ def conv2d_backward(grad, x, w, stride=1, padding=0, need_x=True, need_w=True, n
 
     K = C * kh * kw
     Hp, Wp = H + 2 * padding, W + 2 * padding
-    row = Wp if stride == 1 else Wo
+    row = _row(W, stride, padding, Wo)
     nb = _chunk(B, K * Ho * row, x.itemsize, x)
     n_chunks = -(-B // nb)
     im2col, _ = _im2col(x, kh, kw, stride, padding, Ho, Wo, nb)
