@@ -154,3 +154,63 @@ def keep_freed_host_memory():
         return False
     _host_memory_kept = bool(ok)
     return _host_memory_kept
+
+
+# =============================================================================
+# Fused element-wise kernels (GPU)
+# =============================================================================
+
+def elementwise(make):
+    """Decorator: one element-wise function for both backends, one kernel on CuPy.
+
+    `make(xp)` returns the function, written with arithmetic operators and
+    xp's ufuncs only (no shapes, no Python branches on values). With NumPy
+    arrays it runs as written, one pass over memory per operation, which is
+    what the tests check against the CPU kernels. With CuPy arrays it goes
+    through `cupy.fuse`, which traces it once per argument dtypes and
+    compiles a single kernel: every input element is read once and every
+    intermediate stays in a register, where the same chain of CuPy calls
+    would launch one kernel and write one full-size array per operation.
+    """
+    made = {}
+
+    def call(*args):
+        xp = get_array_module(*args)
+        fn = made.get(xp)
+        if fn is None:
+            fn = make(xp) if xp is np else xp.fuse(kernel_name=make.__name__)(make(xp))
+            made[xp] = fn
+        return fn(*args)
+
+    call.make = make
+    call.__name__ = call.__qualname__ = make.__name__
+    call.__doc__ = make.__doc__
+    return call
+
+
+# =============================================================================
+# TF32 matrix products (GPU)
+# =============================================================================
+
+def set_tf32(enabled):
+    """Let CuPy's float32 matrix products run on TF32 tensor cores (opt-in).
+
+    TF32 keeps float32's range but rounds the inputs of each product to a
+    10-bit mantissa (relative error ~1e-3 instead of ~1e-7), for several
+    times the throughput on Ampere and later GPUs. Off by default, as in
+    CuPy: the gradient checks and the CPU-vs-GPU tests assume full float32.
+    CuPy reads its choice from the CUPY_TF32 environment variable at the
+    first float32 product, so this sets the variable and, where this CuPy
+    has it, also changes the choice it has already made. Returns whether
+    CuPy is present to take it (the variable is set either way).
+    """
+    os.environ["CUPY_TF32"] = "1" if enabled else "0"
+    if cupy is None:
+        return False
+    try:
+        from cupy._core import _routines_linalg as linalg
+        mode = linalg.COMPUTE_TYPE_TF32 if enabled else linalg.COMPUTE_TYPE_DEFAULT
+        linalg.set_compute_type(np.float32, mode)
+    except (ImportError, AttributeError):  # a CuPy without this internal: the variable decides
+        pass
+    return True

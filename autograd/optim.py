@@ -114,11 +114,20 @@ class Adam(Optimizer):
                 continue
             cast = p.dtype.type
             g = p.grad + cast(self.weight_decay) * p.data if self.weight_decay else p.grad
-            m *= cast(b1)
-            m += cast(1 - b1) * g
-            v *= cast(b2)
-            v += cast(1 - b2) * (g * g)
-            p.data -= cast(step_size) * m / (p.xp.sqrt(v) + cast(eps_hat))
+            _adam_update(p.data, g, m, v, cast(b1), cast(1 - b1), cast(b2), cast(1 - b2),
+                         cast(step_size), cast(eps_hat))
+
+
+@backend.elementwise
+def _adam_update(xp):
+    """Adam's update of one parameter, in place: one kernel per parameter on a GPU."""
+    def update(p, g, m, v, b1, one_minus_b1, b2, one_minus_b2, step_size, eps_hat):
+        m *= b1
+        m += one_minus_b1 * g
+        v *= b2
+        v += one_minus_b2 * (g * g)
+        p -= step_size * m / (xp.sqrt(v) + eps_hat)
+    return update
 
 
 def clip_grad_norm(params, max_norm):

@@ -29,7 +29,7 @@ temporaries, which is what these element-wise ops cost on a CPU:
       alpha = rstd w,   beta = -rstd^2 mean(dxhat xhat),
       gamma = rstd (mean rstd mean(dxhat xhat) - mean(dxhat)).
 """
-from ..backend import device_of, get_array_module
+from ..backend import device_of, elementwise, get_array_module
 from ..parallel import Scratch, parallel_for
 
 
@@ -93,6 +93,15 @@ def _scale_shift(mean, rstd, weight, bias):
     return a.reshape(n, -1, 1), c.reshape(n, -1, 1)
 
 
+def _statistics(xg, n_group, eps):
+    """mean and rstd = 1 / sqrt(var + eps) per row of xg (n, G, values): (n, G) each."""
+    xp = get_array_module(xg)
+    f = xg.dtype.type
+    m = xg.sum(axis=2) / n_group
+    var = xp.einsum("bgn,bgn->bg", xg, xg) / n_group - m * m           # E[x^2] - mean^2, no temporary
+    return m, 1 / xp.sqrt(xp.maximum(var, f(0)) + f(eps))
+
+
 def group_norm_fused_forward(x, num_groups, weight, bias, eps, silu=False, keep_t=True):
     """x (B, C, ...), weight and bias (C,) -> y, mean and rstd (B, G), t.
 
@@ -111,6 +120,9 @@ def group_norm_fused_forward(x, num_groups, weight, bias, eps, silu=False, keep_
     f = x.dtype.type
     x3 = x.reshape(B, C, -1)                                            # (B, C, H*W)
     n_group = f(x3.shape[2] * (C // G))                                 # values per group
+    if device_of(x) == "cuda":
+        y, mean, rstd, t = _forward_whole_batch(x3, G, weight, bias, eps, silu, n_group)
+        return y.reshape(x.shape), mean, rstd, (t.reshape(x.shape) if keep_t and t is not None else None)
     y = xp.empty_like(x3)
     t = xp.empty_like(x3) if (silu and keep_t) else None
     mean, rstd = xp.empty((B, G), dtype=x.dtype), xp.empty((B, G), dtype=x.dtype)
@@ -123,9 +135,7 @@ def group_norm_fused_forward(x, num_groups, weight, bias, eps, silu=False, keep_
         xc = x3[b0:b0 + nb]                                             # (n, C, H*W)
         n = xc.shape[0]
         xg = xc.reshape(n, G, -1)                                       # (n, G, C/G * H*W)
-        m = xg.sum(axis=2) / n_group
-        var = xp.einsum("bgn,bgn->bg", xg, xg) / n_group - m * m       # E[x^2] - mean^2, no temporary
-        r = 1 / xp.sqrt(xp.maximum(var, f(0)) + f(eps))
+        m, r = _statistics(xg, n_group, eps)
         mean[b0:b0 + n], rstd[b0:b0 + n] = m, r
         # (x - mean) rstd w + b = x a + c, with a and c per (example, channel)
         a, c = _scale_shift(m, r, weight, bias)
@@ -162,6 +172,11 @@ def group_norm_fused_backward(grad, x, mean, rstd, num_groups, weight, y=None, t
     silu = t is not None
     scale = f(0.5) if silu else f(1)
     w = weight.reshape(G, -1)
+    if device_of(x) == "cuda":
+        dx, dweight, dbias = _backward_whole_batch(
+            g3, x3, mean, rstd, w, scale, n_group,
+            y.reshape(B, C, -1) if silu else None, t.reshape(B, C, -1) if silu else None)
+        return dx.reshape(x.shape), dweight, dbias
     dx = xp.empty_like(x3)
     # Per-example terms of dL/dweight and dL/dbias, summed over the batch after
     # the loop (in order, whichever thread ran which chunk).
@@ -188,16 +203,8 @@ def group_norm_fused_backward(grad, x, mean, rstd, num_groups, weight, y=None, t
             gz = gc
         # The group norm's backward (module docstring) on dL/dz = scale gz: two
         # reductions per (example, channel), then dx = gz alpha + x beta + gamma.
-        s1 = scale * gz.sum(axis=2).reshape(n, G, -1)                   # sum dL/dz      (n, G, C/G)
-        s2 = scale * xp.einsum("bcs,bcs->bc", gz, xc).reshape(n, G, -1)   # sum dL/dz x
-        g_xhat = r * (s2 - m * s1)                                      # sum dL/dz xhat per channel
-        dweight_b[b0:b0 + n] = g_xhat.reshape(n, C)
-        dbias_b[b0:b0 + n] = s1.reshape(n, C)
-        mean_dxhat = (w * s1).sum(axis=2, keepdims=True) / n_group      # mean(dxhat)        (n, G, 1)
-        mean_dxhat_xhat = (w * g_xhat).sum(axis=2, keepdims=True) / n_group   # mean(dxhat xhat)
-        alpha = (scale * r * w).reshape(n, C, 1)
-        beta = -r * r * mean_dxhat_xhat
-        gamma = r * (m * r * mean_dxhat_xhat - mean_dxhat)
+        dweight_b[b0:b0 + n], dbias_b[b0:b0 + n], alpha, beta, gamma = _backward_terms(
+            gz, xc, m, r, w, scale, n_group)
         rest = xp.multiply(xc.reshape(n, G, -1), beta, out=bufs[worker][:n].reshape(n, G, -1))
         rest += gamma
         dxc = xp.multiply(gz, alpha, out=dx[b0:b0 + n])                 # gz may be this very slice
@@ -206,3 +213,92 @@ def group_norm_fused_backward(grad, x, mean, rstd, num_groups, weight, y=None, t
     parallel_for(-(-B // nb), chunk, device_of(x))
     dweight, dbias = dweight_b.sum(axis=0), dbias_b.sum(axis=0)
     return dx.reshape(x.shape), dweight, dbias
+
+
+def _backward_terms(gz, xc, m, r, w, scale, n_group):
+    """The per-(example, channel) terms of the backward from dL/dz = scale gz.
+
+    gz, xc (n, C, S); m, r (n, G, 1); w (G, C/G). Returns dL/dweight and
+    dL/dbias per example (n, C) and the coefficients of dL/dx = gz alpha +
+    x beta + gamma: alpha (n, C, 1), beta and gamma (n, G, 1).
+    """
+    xp = get_array_module(gz, xc)
+    n, C = gz.shape[:2]
+    G = w.shape[0]
+    s1 = scale * gz.sum(axis=2).reshape(n, G, -1)                       # sum dL/dz      (n, G, C/G)
+    s2 = scale * xp.einsum("bcs,bcs->bc", gz, xc).reshape(n, G, -1)     # sum dL/dz x
+    g_xhat = r * (s2 - m * s1)                                          # sum dL/dz xhat per channel
+    mean_dxhat = (w * s1).sum(axis=2, keepdims=True) / n_group          # mean(dxhat)        (n, G, 1)
+    mean_dxhat_xhat = (w * g_xhat).sum(axis=2, keepdims=True) / n_group   # mean(dxhat xhat)
+    alpha = (scale * r * w).reshape(n, C, 1)
+    beta = -r * r * mean_dxhat_xhat
+    gamma = r * (m * r * mean_dxhat_xhat - mean_dxhat)
+    return g_xhat.reshape(n, C), s1.reshape(n, C), alpha, beta, gamma
+
+
+# =============================================================================
+# On a GPU: the whole batch at once, the element-wise parts fused
+# =============================================================================
+# A GPU gains nothing from chunks (they exist for a CPU core's cache) and loses
+# on every extra kernel launch and full-size temporary. The statistics are
+# CuPy reductions as above; each element-wise chain is one kernel
+# (backend.elementwise): normalize (+ SiLU) forward, SiLU's derivative, and
+# dL/dx backward. The tests run these same functions on NumPy against the
+# CPU kernels.
+
+@elementwise
+def _normalize(xp):
+    """y = x a + c."""
+    def normalize(x, a, c):
+        return x * a + c
+    return normalize
+
+
+@elementwise
+def _normalize_silu(xp):
+    """(y, t) = (silu(z), tanh(z / 2)) for z = x a + c, given a / 2 and c / 2 (as the CPU kernel)."""
+    def normalize_silu(x, a_half, c_half):
+        h = x * a_half + c_half                                         # z / 2
+        t = xp.tanh(h)
+        return h * t + h, t
+    return normalize_silu
+
+
+@elementwise
+def _silu_grad(xp):
+    """2 dL/dz from dL/dy and SiLU's saved y, t (group_norm_fused_backward's docstring)."""
+    def silu_grad(g, y, t):
+        return g * ((1 + y) + t * (1 - y))
+    return silu_grad
+
+
+@elementwise
+def _input_grad(xp):
+    """dL/dx = gz alpha + x beta + gamma."""
+    def input_grad(gz, alpha, x, beta, gamma):
+        return gz * alpha + x * beta + gamma
+    return input_grad
+
+
+def _forward_whole_batch(x3, G, weight, bias, eps, silu, n_group):
+    B, C, S = x3.shape
+    half = x3.dtype.type(0.5)
+    mean, rstd = _statistics(x3.reshape(B, G, -1), n_group, eps)
+    a, c = _scale_shift(mean, rstd, weight, bias)
+    if not silu:
+        return _normalize(x3, a, c), mean, rstd, None
+    y, t = _normalize_silu(x3, a * half, c * half)
+    return y, mean, rstd, t
+
+
+def _backward_whole_batch(g3, x3, mean, rstd, w, scale, n_group, y3=None, t3=None):
+    B, C, S = x3.shape
+    G = w.shape[0]
+    gz = g3 if y3 is None else _silu_grad(g3, y3, t3)
+    dweight_b, dbias_b, alpha, beta, gamma = _backward_terms(
+        gz, x3, mean[:, :, None], rstd[:, :, None], w, scale, n_group)
+    # beta and gamma are per group: repeated per channel, so that all three
+    # coefficients broadcast over x3's (B, C, S) alike (small arrays).
+    xp = get_array_module(x3)
+    beta, gamma = (xp.broadcast_to(v, (B, G, C // G)).reshape(B, C, 1) for v in (beta, gamma))
+    return _input_grad(gz, alpha, x3, beta, gamma), dweight_b.sum(axis=0), dbias_b.sum(axis=0)

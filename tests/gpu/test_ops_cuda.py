@@ -19,6 +19,7 @@ CASES = [
     ("conv3x3_stride2", lambda x, w: F.conv2d(x, w, stride=2, padding=1), [(2, 3, 9, 9), (4, 3, 3, 3)]),
     ("conv1x1", F.conv2d, [(2, 3, 5, 5), (4, 3, 1, 1)]),
     ("group_norm", lambda x, g, b: F.group_norm(x, 2, g, b), [(2, 4, 5, 5), (4,), (4,)]),
+    ("group_norm_silu", lambda x, g, b: F.group_norm_silu(x, 2, g, b), [(2, 4, 5, 5), (4,), (4,)]),
     ("silu", F.silu, [(3, 4)]),
     ("sigmoid_tanh_relu", lambda a: F.sigmoid(a) + F.tanh(a) + F.relu(a), [(3, 4)]),
     ("softmax", F.softmax, [(3, 5)]),
@@ -73,3 +74,40 @@ def test_mixing_devices_is_refused():
     b = Tensor(np.ones(3, np.float32)).to("cuda")
     with pytest.raises(ValueError, match="cpu"):
         _ = a + b
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", [(np.float64, 1e-12, 1e-14), (np.float32, 1e-5, 1e-7)])
+def test_adam_fused_update_on_cupy_matches_numpy(dtype, rtol, atol):
+    """Adam's update is one fused kernel on CuPy (cupy.fuse), written in place."""
+    from autograd.nn import Parameter
+    from autograd.optim import Adam
+    rng = np.random.default_rng(0)
+    values, grads = rng.standard_normal((3, 40)).astype(dtype), rng.standard_normal((4, 3, 40)).astype(dtype)
+    results = []
+    for device in ("cpu", "cuda"):
+        p = Parameter(values.copy()).to(device)
+        data_id = id(p.data)
+        opt = Adam([p], lr=1e-2, weight_decay=0.01)
+        for g in grads:
+            p.grad = Tensor(g).to(device).data.copy()
+            opt.step()
+        assert id(p.data) == data_id, "the update must be in place"
+        results.append(Tensor(p.data).numpy())
+    np.testing.assert_allclose(results[1], results[0], rtol=rtol, atol=atol)
+
+
+def test_tf32_is_opt_in_and_can_be_switched_off_again():
+    from autograd import backend
+    import cupy
+    a = cupy.asarray(np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32))
+    exact = Tensor(a).numpy().astype(np.float64) @ Tensor(a).numpy().astype(np.float64)
+    full = Tensor(a @ a).numpy()
+    try:
+        assert backend.set_tf32(True)
+        tf32 = Tensor(a @ a).numpy()
+    finally:
+        backend.set_tf32(False)
+    again = Tensor(a @ a).numpy()
+    err = lambda c: np.abs(c - exact).max() / np.abs(exact).max()  # noqa: E731
+    assert err(full) < 1e-5 and err(again) < 1e-5
+    assert err(tf32) < 1e-2

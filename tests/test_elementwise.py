@@ -1,0 +1,191 @@
+"""The fused element-wise kernels that a GPU runs (backend.elementwise), checked without one.
+
+On CuPy each of these functions becomes one kernel through `cupy.fuse`; on
+NumPy the very same function body runs as written. So the tests here check
+(1) that the dispatch fuses for a non-NumPy array module and caches the
+kernel, (2) that each body is traceable the way cupy.fuse traces it (no
+shapes, no Python branch on a value, in-place updates where the caller
+relies on them), and (3) that the GPU code paths built from them give the
+CPU kernels' numbers, run here with NumPy arrays. tests/gpu/ repeats (3) on
+a real GPU.
+"""
+import numpy as np
+import pytest
+
+from autograd import backend
+from autograd.kernels import norm
+from autograd.optim import _adam_update
+
+
+# -----------------------------------------------------------------------------
+# (1) dispatch
+# -----------------------------------------------------------------------------
+
+class FakeGPUModule:
+    """Stands in for cupy: records what fuse() was asked to compile."""
+
+    def __init__(self):
+        self.fused = []
+
+    def fuse(self, kernel_name=None):
+        def decorate(fn):
+            def kernel(*args):
+                self.calls += 1
+                return fn(*args)
+            self.fused.append(kernel_name)
+            return kernel
+        self.calls = 0
+        return decorate
+
+    tanh = staticmethod(np.tanh)
+
+
+def test_numpy_arrays_run_the_body_as_written():
+    made = []
+
+    @backend.elementwise
+    def double_plus(xp):
+        made.append(xp)
+        return lambda a, b: 2 * a + b
+
+    np.testing.assert_array_equal(double_plus(np.arange(3.0), np.ones(3)), [1.0, 3.0, 5.0])
+    double_plus(np.arange(3.0), np.ones(3))
+    assert made == [np], "the body is made once per array module, for NumPy without fusing"
+
+
+def test_another_array_module_gets_one_fused_kernel_per_function(monkeypatch):
+    fake = FakeGPUModule()
+    monkeypatch.setattr(backend, "get_array_module", lambda *args: fake)
+
+    @backend.elementwise
+    def tanh_sum(xp):
+        assert xp is fake
+        return lambda a, b: xp.tanh(a) + b
+
+    out = tanh_sum(np.zeros(2), np.ones(2))
+    tanh_sum(np.zeros(2), np.ones(2))
+    np.testing.assert_array_equal(out, [1.0, 1.0])
+    assert fake.fused == ["tanh_sum"], "compiled once, named after the function"
+    assert fake.calls == 2
+
+
+# -----------------------------------------------------------------------------
+# (2) traceable as cupy.fuse traces: symbolic values only
+# -----------------------------------------------------------------------------
+
+class Sym:
+    """A value as cupy.fuse's tracer sees it: arithmetic works; its shape, truth
+    value and number do not; in-place operators write to the variable itself."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def _op(self, other):
+        return Sym(f"({self.name} . {getattr(other, 'name', other)})", self.log)
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _op
+    __truediv__ = __rtruediv__ = __neg__ = _op
+
+    def _inplace(self, other):
+        self.log.append(self.name)
+        return self
+
+    __iadd__ = __isub__ = __imul__ = __itruediv__ = _inplace
+
+    @property
+    def shape(self):
+        raise NotImplementedError("cupy.fuse: `shape` is not supported")
+
+    def __bool__(self):
+        raise TypeError("cupy.fuse: cannot convert to a Python bool")
+
+    __float__ = __int__ = __bool__
+
+
+class SymModule:
+    @staticmethod
+    def tanh(x):
+        return x._op(None)
+
+    sqrt = tanh
+
+
+KERNELS = [
+    (norm._normalize, 3, 1, []),
+    (norm._normalize_silu, 3, 2, []),
+    (norm._silu_grad, 3, 1, []),
+    (norm._input_grad, 5, 1, []),
+    # Adam updates p, m and v in place: a GPU has no other way to hand them back.
+    (_adam_update, 10, 0, ["m", "m", "v", "v", "p"]),
+]
+
+
+@pytest.mark.parametrize("kernel, n_args, n_out, writes", KERNELS,
+                         ids=[k[0].__name__ for k in KERNELS])
+def test_each_fused_body_is_element_wise_only(kernel, n_args, n_out, writes):
+    log = []
+    names = "p g m v".split() if kernel is _adam_update else [f"a{i}" for i in range(n_args)]
+    args = [Sym(n, log) for n in names] + [Sym(f"s{i}", log) for i in range(n_args - len(names))]
+    out = kernel.make(SymModule)(*args)
+    results = () if out is None else (out if isinstance(out, tuple) else (out,))
+    assert len(results) == n_out and all(isinstance(r, Sym) for r in results)
+    assert log == writes
+
+
+# -----------------------------------------------------------------------------
+# (3) the GPU paths built on them equal the CPU kernels (run with NumPy here)
+# -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 2e-5)])
+def test_group_norm_whole_batch_path_equals_the_chunked_cpu_kernel(silu, dtype, tol):
+    rng = np.random.default_rng(0)
+    B, C, G, H = 3, 8, 4, 5
+    x = (rng.standard_normal((B, C, H, H)) * 2 + 0.5).astype(dtype)
+    w, b = rng.standard_normal(C).astype(dtype), rng.standard_normal(C).astype(dtype)
+    grad = rng.standard_normal((B, C, H, H)).astype(dtype)
+    eps = 1e-5
+
+    y, mean, rstd, t = norm.group_norm_fused_forward(x, G, w, b, eps, silu=silu)
+    dx, dw, db = norm.group_norm_fused_backward(grad, x, mean, rstd, G, w, y=y, t=t)
+
+    x3, n_group = x.reshape(B, C, -1), dtype(H * H * C // G)
+    y2, mean2, rstd2, t2 = norm._forward_whole_batch(x3, G, w, b, eps, silu, n_group)
+    scale = dtype(0.5) if silu else dtype(1)
+    dx2, dw2, db2 = norm._backward_whole_batch(
+        grad.reshape(B, C, -1), x3, mean2, rstd2, w.reshape(G, -1), scale, n_group,
+        y2 if silu else None, t2 if silu else None)
+
+    assert y2.dtype == dx2.dtype == dtype
+    assert (t2 is None) == (not silu)
+    pairs = [(y2, y), (mean2, mean), (rstd2, rstd), (dx2, dx), (dw2, dw), (db2, db)]
+    for got, want in pairs + ([(t2, t)] if silu else []):
+        np.testing.assert_allclose(got.reshape(want.shape), want, rtol=tol, atol=tol)
+
+
+def test_adam_fused_update_is_algorithm_1_in_place():
+    rng = np.random.default_rng(1)
+    p, g = rng.standard_normal(50), rng.standard_normal(50)
+    m, v = rng.standard_normal(50) * 0.1, rng.random(50) * 0.1
+    b1, b2, lr, eps, t = 0.9, 0.999, 1e-3, 1e-8, 7
+    m_want = b1 * m + (1 - b1) * g
+    v_want = b2 * v + (1 - b2) * g * g
+    p_want = p - lr * (m_want / (1 - b1 ** t)) / (np.sqrt(v_want / (1 - b2 ** t)) + eps)
+    c2 = 1 - b2 ** t
+    step_size, eps_hat = lr * np.sqrt(c2) / (1 - b1 ** t), eps * np.sqrt(c2)
+    ids = [id(a) for a in (p, m, v)]
+    _adam_update(p, g, m, v, b1, 1 - b1, b2, 1 - b2, step_size, eps_hat)
+    assert [id(a) for a in (p, m, v)] == ids
+    np.testing.assert_allclose(m, m_want, rtol=1e-14)
+    np.testing.assert_allclose(v, v_want, rtol=1e-14)
+    np.testing.assert_allclose(p, p_want, rtol=1e-12, atol=1e-15)
+
+
+def test_set_tf32_sets_cupys_switch_and_reports_whether_cupy_can_take_it(monkeypatch):
+    monkeypatch.delenv("CUPY_TF32", raising=False)
+    import os
+    took = backend.set_tf32(True)
+    assert os.environ["CUPY_TF32"] == "1"
+    assert took == (backend.cupy is not None)
+    backend.set_tf32(False)
+    assert os.environ["CUPY_TF32"] == "0"
