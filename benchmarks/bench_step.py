@@ -358,6 +358,9 @@ def main():
     p.add_argument("--compare-torch", action="store_true")
     p.add_argument("--profile", action="store_true", help="print a per-op profile of one train step")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--tf32", action="store_true",
+                   help="cuda: float32 products on TF32 tensor cores, for both (default: full float32 for "
+                        "both; PyTorch's own default would run its cuDNN convolutions in TF32)")
     p.add_argument("--_memory-child", nargs=2, metavar=("IMPL", "STEP"), help=argparse.SUPPRESS)
     a = p.parse_args()
     set_threads(a.threads)
@@ -368,8 +371,12 @@ def main():
     if a.compare_torch and torch is None:
         sys.exit("--compare-torch: torch is not importable from this Python "
                  "(try .torchvenv/bin/python, see docs/performance.md)")
+    if a.device == "cuda":
+        backend.set_tf32(a.tf32)
+        if torch:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = a.tf32
     header = machine_header()
-    header.update(torch=torch.__version__ if torch else None, device=a.device)
+    header.update(torch=torch.__version__ if torch else None, device=a.device, tf32=a.tf32)
     emit_json({"bench": "step", "machine": header})
 
     impls = {"tinyddpm": tinyddpm_steps(a.preset, a.batch, a.device)}
@@ -401,7 +408,8 @@ def main():
         rows.append(row)
 
     print()
-    print(f"{a.preset}, batch {a.batch}, {a.device}, median of {a.rounds}; BLAS: {header['blas']}; "
+    print(f"{a.preset}, batch {a.batch}, {a.device}{' (TF32)' if a.tf32 else ''}, median of {a.rounds}; "
+          f"BLAS: {header['blas']}; "
           f"tinyddpm: {a.threads} threads; torch: {header['torch']} ({a.threads} threads)")
     cols = [("step", "step", "{}"), ("tinyddpm_s", "tinyddpm s", "{:.3f}")]
     if torch:

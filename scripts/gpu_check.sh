@@ -45,6 +45,9 @@ for preset in mnist-tiny mnist; do
     $py benchmarks/bench_step.py --device cuda --preset "$preset" --batch 128 --rounds 5 $compare \
         2>&1 | tee -a "$out/bench.log" || status=1
 done
+step "benchmark: mnist, batch 128, cuda, TF32 on for both $compare"
+$py benchmarks/bench_step.py --device cuda --preset mnist --batch 128 --rounds 5 --tf32 $compare \
+    --no-memory 2>&1 | tee -a "$out/bench.log" || status=1
 
 step "training: mnist preset, 300 steps on the GPU, then a 100-step sample grid"
 start=$(date +%s)
