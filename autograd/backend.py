@@ -201,11 +201,17 @@ def set_tf32(enabled):
     CuPy: the gradient checks and the CPU-vs-GPU tests assume full float32.
     CuPy reads its choice from the CUPY_TF32 environment variable at the
     first float32 product, so this sets the variable and, where this CuPy
-    has it, also changes the choice it has already made. Returns whether
-    CuPy is present to take it (the variable is set either way).
+    has it, also changes the choice it has already made.
+
+    What it reaches (CuPy 14): 2-D products, which go through cuBLAS's
+    gemmEx with the chosen compute type; that is every 3x3 convolution's
+    product and the linear layers. CuPy's batched `matmul` (3-D operands: 1x1
+    convolutions, attention, `einsum`) does not read the setting and stays
+    full float32. Returns whether a usable GPU took it (the variable is set
+    either way).
     """
     os.environ["CUPY_TF32"] = "1" if enabled else "0"
-    if cupy is None:
+    if not cupy_available():
         return False
     try:
         from cupy._core import _routines_linalg as linalg

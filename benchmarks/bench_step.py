@@ -360,7 +360,9 @@ def main():
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--tf32", action="store_true",
                    help="cuda: float32 products on TF32 tensor cores, for both (default: full float32 for "
-                        "both; PyTorch's own default would run its cuDNN convolutions in TF32)")
+                        "both; PyTorch's own default would run its cuDNN convolutions in TF32). tinyddpm's "
+                        "TF32 reaches its 2-D products only (3x3 convolutions, linear layers), not CuPy's "
+                        "batched matmul (1x1 convolutions, attention)")
     p.add_argument("--_memory-child", nargs=2, metavar=("IMPL", "STEP"), help=argparse.SUPPRESS)
     a = p.parse_args()
     set_threads(a.threads)

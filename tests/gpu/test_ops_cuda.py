@@ -101,6 +101,7 @@ def test_tf32_is_opt_in_and_can_be_switched_off_again():
     import cupy
     a = cupy.asarray(np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32))
     exact = Tensor(a).numpy().astype(np.float64) @ Tensor(a).numpy().astype(np.float64)
+    backend.set_tf32(False)                        # whatever CUPY_TF32 the environment had
     full = Tensor(a @ a).numpy()
     try:
         assert backend.set_tf32(True)
@@ -111,3 +112,5 @@ def test_tf32_is_opt_in_and_can_be_switched_off_again():
     err = lambda c: np.abs(c - exact).max() / np.abs(exact).max()  # noqa: E731
     assert err(full) < 1e-5 and err(again) < 1e-5
     assert err(tf32) < 1e-2
+    if int(cupy.cuda.Device().compute_capability) >= 80:   # TF32 tensor cores exist: it must show
+        assert err(tf32) > 10 * err(full)
