@@ -154,7 +154,9 @@ def images_per_chunk(monkeypatch, k):
 
 CONV_CASES = [
     # x shape, w shape, stride, padding, with bias
-    ((9, 4, 12, 12), (6, 4, 3, 3), 1, 1, True),      # im2col path
+    ((9, 4, 12, 12), (6, 4, 3, 3), 1, 1, True),      # im2col path; backward from dL/dy's patches
+    ((9, 3, 7, 7), (4, 3, 3, 3), 1, 2, True),        # padding k - 1: output larger, dL/db summed apart
+    ((9, 4, 12, 12), (6, 4, 5, 5), 1, 2, True),      # 5x5 "same"
     ((9, 12, 28, 28), (5, 12, 3, 3), 1, 1, True),    # shifted-output path (C_in >= 2 C_out, 28x28)
     ((9, 4, 13, 11), (6, 4, 3, 3), 2, 1, False),     # stride 2: strided adds for dL/dx
     ((9, 6, 7, 7), (5, 6, 1, 1), 1, 0, True),        # 1x1: a matrix product per image
@@ -217,6 +219,30 @@ def test_conv_kernels_agree_across_threads_and_with_reference(x_shape, w_shape, 
                 np.testing.assert_allclose(got, full, rtol=1e-12, atol=1e-12)
             else:
                 assert got is None
+
+
+@pytest.mark.parametrize("need, x_shape, w_shape, shared", [
+    ((True, True, True), (2, 4, 12, 12), (6, 4, 3, 3), True),
+    ((True, True, False), (2, 4, 12, 12), (6, 4, 3, 3), True),
+    ((True, False, True), (2, 4, 12, 12), (6, 4, 3, 3), False),    # no dL/dw: dL/dx alone
+    ((False, True, True), (2, 4, 12, 12), (6, 4, 3, 3), False),    # no dL/dx: x's patches
+    ((True, True, True), (2, 4, 28, 28), (12, 4, 3, 3), False),    # dL/dx output-side (O >= 2 C at 28x28)
+])
+def test_backward_from_the_patches_of_dy_is_taken_when_both_gradients_are(need, x_shape, w_shape,
+                                                                          shared, monkeypatch):
+    calls = []
+    real = conv_k._conv2d_backward_shared_patches
+    monkeypatch.setattr(conv_k, "_conv2d_backward_shared_patches",
+                        lambda *args: calls.append(1) or real(*args))
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+    g = rng.standard_normal((x_shape[0], w_shape[0]) + x_shape[2:])
+    got = conv_k.conv2d_backward(g, x, w, 1, 1, *need)
+    assert bool(calls) == shared
+    f = lambda w_: np.sum(g * conv_k.conv2d_reference(x, w_, 1, 1))  # noqa: E731
+    if need[1]:
+        d = rng.standard_normal(w.shape)
+        np.testing.assert_allclose(np.sum(got[1] * d), (f(w + 1e-6 * d) - f(w - 1e-6 * d)) / 2e-6, rtol=1e-6)
 
 
 @needs_threadpoolctl
