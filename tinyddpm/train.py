@@ -396,13 +396,15 @@ def train(plan, reporter=None):
                 x0 = backend.to_device(batches.next(), device)           # the one transfer of the step
                 optimizer.lr = learning_rate(config, step + 1)
                 loss = diffusion.loss(model, x0, noise_rng)
-                # Reading the loss on the host waits for the GPU: the price of catching a NaN at
-                # once. clip_grad_norm's total norm is the step's only other host sync.
+                optimizer.zero_grad()
+                loss.backward()
+                # Reading the loss on the host waits for the GPU. Read only once the backward is
+                # queued, so the device never idles while Python queues it; a NaN has then made
+                # NaN gradients, and nothing is updated before the checks below. clip_grad_norm's
+                # total norm, right after, is the step's only other host sync.
                 loss_value = float(loss.data)
                 if not math.isfinite(loss_value):
                     return _diverged("loss", loss_value, step + 1, out, saved["step"])
-                optimizer.zero_grad()
-                loss.backward()
                 grad_norm = clip_grad_norm(params, config.grad_clip)
                 if not math.isfinite(grad_norm):
                     return _diverged("gradient norm", grad_norm, step + 1, out, saved["step"])
