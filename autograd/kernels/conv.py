@@ -100,6 +100,25 @@ def _chunk(B, rows_per_image, itemsize, x):
     return max(1, min(B, _CHUNK_BYTES[backend.device_of(x)] // max(1, per_image)))
 
 
+def _in_runs(n_chunks, chunk, device):
+    """chunk(i, worker, r) for every chunk i, in n_runs = min(n_chunks, _SUMS) runs
+    of consecutive chunks, run r on one thread: each run adds its dL/dw and dL/db
+    terms into its own partial sum (index r), and the caller adds those in run
+    order after the loop, so that the sums depend neither on the number of
+    threads nor on which finished first (the caller sizes them with _n_runs)."""
+    n_runs = _n_runs(n_chunks)
+
+    def run(r, worker):
+        for i in range(r * n_chunks // n_runs, (r + 1) * n_chunks // n_runs):
+            chunk(i, worker, r)
+
+    parallel_for(n_runs, run, device)
+
+
+def _n_runs(n_chunks):
+    return min(n_chunks, _SUMS)
+
+
 def conv2d_forward(x, w, stride=1, padding=0, bias=None):
     """x (B, C, H, W), w (O, C, kh, kw), bias (O,) or None -> y (B, O, Ho, Wo)."""
     xp = get_array_module(x, w)
@@ -160,22 +179,21 @@ def _conv1x1_backward(grad, x, w, need_x, need_w, need_b):
     g3, x3, w2 = grad.reshape(B, O, H * W), x.reshape(B, C, H * W), w.reshape(O, C)
     nb = _chunk(B, (C + O) * H * W, x.itemsize, x)
     n_chunks = -(-B // nb)
-    n_runs = min(n_chunks, _SUMS)                   # partial sums, as in conv2d_backward
+    n_runs = _n_runs(n_chunks)                      # partial sums (_in_runs)
     dx = xp.empty_like(x3) if need_x else None
     dw_parts = xp.zeros((n_runs, O, C), dtype=grad.dtype) if need_w else None
     db_parts = xp.zeros((n_runs, O), dtype=grad.dtype) if need_b else None
 
-    def run(r, worker):
-        for i in range(r * n_chunks // n_runs, (r + 1) * n_chunks // n_runs):
-            g, xc = g3[i * nb:(i + 1) * nb], x3[i * nb:(i + 1) * nb]
-            if need_x:
-                xp.matmul(w2.T, g, out=dx[i * nb:(i + 1) * nb])            # dL/dx = w^T dL/dy
-            if need_w:
-                dw_parts[r] += xp.matmul(g, xc.transpose(0, 2, 1)).sum(axis=0)   # dL/dy x^T
-            if need_b:
-                db_parts[r] += g.sum(axis=(0, 2))
+    def chunk(i, worker, r):
+        g, xc = g3[i * nb:(i + 1) * nb], x3[i * nb:(i + 1) * nb]
+        if need_x:
+            xp.matmul(w2.T, g, out=dx[i * nb:(i + 1) * nb])                # dL/dx = w^T dL/dy
+        if need_w:
+            dw_parts[r] += xp.matmul(g, xc.transpose(0, 2, 1)).sum(axis=0)   # dL/dy x^T
+        if need_b:
+            db_parts[r] += g.sum(axis=(0, 2))
 
-    parallel_for(n_runs, run, backend.device_of(x))
+    _in_runs(n_chunks, chunk, backend.device_of(x))
     return (dx.reshape(x.shape) if need_x else None,
             dw_parts.sum(axis=0).reshape(w.shape) if need_w else None,
             db_parts.sum(axis=0) if need_b else None)
@@ -264,10 +282,7 @@ def conv2d_backward(grad, x, w, stride=1, padding=0, need_x=True, need_w=True, n
     # extra columns stay zero, so the garbage patches they stand for add nothing.
     g_bufs = Scratch(lambda: xp.zeros((nb, Ho, row, O), dtype=grad.dtype))
     w2 = w.reshape(O, K)
-    # The chunks go in _SUMS runs of consecutive chunks, each adding its own
-    # dL/dw and dL/db terms; the terms are added in run order after the loop, so
-    # that the sums depend neither on the number of threads nor on which finished first.
-    n_runs = min(n_chunks, _SUMS)
+    n_runs = _n_runs(n_chunks)                      # partial sums (_in_runs)
     dw_parts = xp.zeros((n_runs, K, O), dtype=grad.dtype) if need_w else None   # dL/dw transposed
     db_parts = xp.zeros((n_runs, O), dtype=grad.dtype) if need_b else None
     # dL/db as ones @ dL/dy: a column sum by the BLAS, ~8x faster than sum(axis=0) here.
@@ -293,11 +308,7 @@ def conv2d_backward(grad, x, w, stride=1, padding=0, need_x=True, need_w=True, n
                     dx_pad[b0:b0 + n, :, u:u + stride * Ho:stride, v:v + stride * Wo:stride] += \
                         dcols[:, u, v, :, :, :Wo].transpose(1, 0, 2, 3)
 
-    def run(r, worker):
-        for i in range(r * n_chunks // n_runs, (r + 1) * n_chunks // n_runs):
-            chunk(i, worker, r)
-
-    parallel_for(n_runs, run, backend.device_of(x))
+    _in_runs(n_chunks, chunk, backend.device_of(x))
     if need_x and dx is None:
         dx = dx_pad[:, :, padding:padding + H, padding:padding + W].copy()
     if need_w:
@@ -337,7 +348,7 @@ def _conv2d_backward_shared_patches(grad, x, w_flip, padding, need_b):
     # 1.4-1.7x faster in OpenBLAS than x @ P^T); the extra columns stay zero.
     x_bufs = Scratch(lambda: xp.zeros((nb, H, row, C), dtype=x.dtype))
     dx = xp.empty(x.shape, dtype=grad.dtype)                           # as the dL/dx convolution would give
-    n_runs = min(n_chunks, _SUMS)                   # partial sums in run order, as in conv2d_backward
+    n_runs = _n_runs(n_chunks)                      # partial sums (_in_runs)
     dw_parts = xp.zeros((n_runs, K, C), dtype=grad.dtype)
     db_from_centre = need_b and grad.shape[2:] == x.shape[2:]
     db_parts = xp.zeros((n_runs, O), dtype=grad.dtype) if db_from_centre else None
@@ -359,11 +370,7 @@ def _conv2d_backward_shared_patches(grad, x, w_flip, padding, need_b):
             centre = cols.reshape(O, k, k, -1)[:, q, q]                 # dL/dy, extra columns included
             db_parts[r] += xp.matmul(centre, real[:n * H * row])
 
-    def run(r, worker):
-        for i in range(r * n_chunks // n_runs, (r + 1) * n_chunks // n_runs):
-            chunk(i, worker, r)
-
-    parallel_for(n_runs, run, backend.device_of(x))
+    _in_runs(n_chunks, chunk, backend.device_of(x))
     dw = dw_parts.sum(axis=0).reshape(O, k, k, C)[:, ::-1, ::-1].transpose(0, 3, 1, 2)
     db = None
     if need_b:
