@@ -38,8 +38,6 @@ with a BLAS it does not know), loops run on one thread and the BLAS keeps its
 own. On a GPU loops always run in order: the device is already parallel, and
 CuPy queues every kernel on one stream.
 """
-import concurrent.futures
-import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -149,7 +147,7 @@ def parallel_for(n, body, device="cpu"):
     """Call body(i, worker) for every i in range(n), on up to num_threads() threads.
 
     Each i runs exactly once; bodies must write disjoint outputs. An exception in
-    any body is raised here once every thread has stopped.
+    any body is raised here once every chunk that had started has stopped.
     """
     if device != "cpu":
         for i in range(n):
@@ -167,36 +165,66 @@ def parallel_for(n, body, device="cpu"):
         global _pool
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=num_threads() - 1, thread_name_prefix="autograd")
-        counter = itertools.count()        # next() on it is atomic under the GIL
-        failed = []
-
-        def run(worker):
-            while not failed:
-                i = next(counter)
-                if i >= n:
-                    return
-                try:
-                    body(i, worker)
-                except BaseException as e:
-                    failed.append(e)
-                    return
-
-        futures = []
+        loop = _Loop(n, body)
+        for w in range(1, threads):
+            try:
+                _pool.submit(loop.run, w)
+            except RuntimeError:           # the interpreter is shutting down: no new threads
+                break
         try:
-            for w in range(1, threads):
-                try:
-                    futures.append(_pool.submit(run, w))
-                except RuntimeError:       # the interpreter is shutting down: no new threads
-                    break
-            run(0)                         # shares the counter: does whatever is left
+            loop.run(0)                    # the caller takes chunks too, from the same counter
         finally:
-            failed.append(None)            # workers take no further chunk (all handed out, or Ctrl-C)
-            concurrent.futures.wait(futures)   # and none writes after this call returns
-        errors = [e for e in failed if e is not None]
-        if errors:
-            raise errors[0]
+            loop.finish()                  # no chunk starts after this; those running end first
+        if loop.errors:
+            raise loop.errors[0]
     finally:
         _busy.release()
+
+
+class _Loop:
+    """The chunks of one parallel_for, handed out one at a time to whichever thread asks.
+
+    The caller waits for the chunks that have started, not for the pool's
+    threads: a thread that wakes up after every chunk was taken (waking a
+    sleeping thread can take longer than a small loop) finds nothing to do
+    and returns, while the caller has gone on. Waiting for every submitted
+    thread to come and go cost each loop that wake-up, 0.1-0.3 ms on this
+    project's 2-core virtual machines, ~75 times per sampling step.
+    """
+
+    def __init__(self, n, body):
+        self.n, self.body = n, body
+        self.next = 0              # the next chunk to hand out
+        self.running = 0           # chunks started and not yet ended
+        self.stopped = False       # no chunk starts once set (all taken, an error, or the caller left)
+        self.errors = []
+        self.cond = threading.Condition()
+
+    def run(self, worker):
+        while True:
+            with self.cond:
+                if self.stopped or self.next >= self.n:
+                    return
+                i, self.next = self.next, self.next + 1
+                self.running += 1
+            try:
+                self.body(i, worker)
+            except BaseException as e:
+                with self.cond:
+                    self.errors.append(e)
+                    self.stopped = True
+            finally:
+                with self.cond:
+                    self.running -= 1
+                    if self.running == 0:
+                        self.cond.notify_all()
+
+    def finish(self):
+        """Stop handing out chunks; return once none is running."""
+        with self.cond:
+            self.stopped = True
+            while self.running:
+                self.cond.wait()
 
 
 class Scratch:

@@ -104,6 +104,35 @@ def test_set_num_threads_inside_a_loop_is_refused_not_a_deadlock(threads):
 
 
 @needs_threadpoolctl
+def test_the_caller_does_not_wait_for_a_pool_thread_that_has_not_started(threads, monkeypatch):
+    """A pool thread that is late (here: busy until released) must not hold up
+    the loop: the caller takes every chunk itself and returns; the late thread,
+    when it comes, finds nothing left and runs no chunk of the finished loop."""
+    from concurrent.futures import ThreadPoolExecutor
+    threads(2)
+    late = ThreadPoolExecutor(1)
+    release = threading.Event()
+    late.submit(release.wait)                  # its only thread is busy until release.set()
+    monkeypatch.setattr(parallel, "_pool", late)
+    calls, workers = [], set()
+
+    def body(i, worker):
+        calls.append(i)
+        workers.add(worker)
+
+    done = threading.Event()
+    caller = threading.Thread(target=lambda: (parallel.parallel_for(6, body), done.set()))
+    caller.start()
+    finished = done.wait(timeout=30)
+    release.set()                              # the late thread now runs the loop's leftover task
+    caller.join(timeout=30)
+    late.shutdown(wait=True)
+    monkeypatch.setattr(parallel, "_pool", None)
+    assert finished, "parallel_for waited for a pool thread that never took a chunk"
+    assert sorted(calls) == list(range(6)) and workers == {0}
+
+
+@needs_threadpoolctl
 def test_a_pool_that_takes_no_more_work_leaves_the_caller_to_do_it(threads, monkeypatch):
     """At interpreter shutdown (atexit, a thread still running) the executor
     refuses new tasks; the calling thread then runs every chunk itself."""
