@@ -38,6 +38,7 @@ with a BLAS it does not know), loops run on one thread and the BLAS keeps its
 own. On a GPU loops always run in order: the device is already parallel, and
 CuPy queues every kernel on one stream.
 """
+import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -184,47 +185,52 @@ def parallel_for(n, body, device="cpu"):
 class _Loop:
     """The chunks of one parallel_for, handed out one at a time to whichever thread asks.
 
-    The caller waits for the chunks that have started, not for the pool's
-    threads: a thread that wakes up after every chunk was taken (waking a
-    sleeping thread can take longer than a small loop) finds nothing to do
-    and returns, while the caller has gone on. Waiting for every submitted
-    thread to come and go cost each loop that wake-up, 0.1-0.3 ms on this
-    project's 2-core virtual machines, ~75 times per sampling step.
+    The caller waits for the threads that came to work on the loop, not for
+    every thread it asked: a pool thread that wakes up once the caller has
+    finished (waking a sleeping thread can take longer than a small loop)
+    finds the loop closed and leaves without touching it. Waiting for every
+    asked thread to come and go cost each loop that wake-up, 0.1-0.3 ms on
+    this project's 2-core virtual machines, some 75 times per sampling step.
+    Taking a chunk needs no lock: next() on an itertools.count is atomic
+    under the GIL; the lock guards only each thread's arrival and departure.
     """
 
     def __init__(self, n, body):
         self.n, self.body = n, body
-        self.next = 0              # the next chunk to hand out
-        self.running = 0           # chunks started and not yet ended
-        self.stopped = False       # no chunk starts once set (all taken, an error, or the caller left)
+        self.taken = itertools.count()     # next(taken): the chunk to run
         self.errors = []
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()
+        self.closed = False                # set by the caller when it is done: no thread joins after
+        self.working = 0                   # threads inside run()
+        self.left = threading.Event()      # the last of them has left a closed loop
 
     def run(self, worker):
-        while True:
-            with self.cond:
-                if self.stopped or self.next >= self.n:
+        with self.lock:
+            if self.closed:
+                return
+            self.working += 1
+        try:
+            while not (self.errors or self.closed):
+                i = next(self.taken)
+                if i >= self.n:
                     return
-                i, self.next = self.next, self.next + 1
-                self.running += 1
-            try:
-                self.body(i, worker)
-            except BaseException as e:
-                with self.cond:
+                try:
+                    self.body(i, worker)
+                except BaseException as e:
                     self.errors.append(e)
-                    self.stopped = True
-            finally:
-                with self.cond:
-                    self.running -= 1
-                    if self.running == 0:
-                        self.cond.notify_all()
+        finally:
+            with self.lock:
+                self.working -= 1
+                if self.closed and not self.working:
+                    self.left.set()
 
     def finish(self):
-        """Stop handing out chunks; return once none is running."""
-        with self.cond:
-            self.stopped = True
-            while self.running:
-                self.cond.wait()
+        """Let no thread start a chunk from now on; return once none is running one."""
+        with self.lock:
+            self.closed = True
+            if not self.working:
+                return
+        self.left.wait()
 
 
 class Scratch:
