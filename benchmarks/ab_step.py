@@ -13,8 +13,9 @@ the same arrays and the same thread pool, the order alternating every round,
 so a slow spell falls on both. The older module is read with `git show` and
 loaded as a sibling of the current one (its relative imports then resolve to
 today's package); before each round the named functions of the current module
-are pointed at the old or the new ones. So only what those functions do
-differs: code that calls them by another route is not switched.
+are pointed at the old or the new ones, as are the names other modules
+imported them under (`from ..parallel import parallel_for`). So only what
+those functions do differs.
 
 Prints one JSON line and a readable line: each version's median, their ratio,
 and the median and quartiles of the per-round ratios new/old.
@@ -71,6 +72,8 @@ def main():
     from bench_step import tinyddpm_steps   # after set_threads: it builds the model
     current = importlib.import_module(a.module[:-3].replace("/", "."))
     old = load_old_module(a.commit, a.module)
+    if a.module == "autograd/parallel.py":
+        old.set_num_threads(a.threads)     # its own pool and thread count, as set_threads gave today's
     missing = [n for n in a.names if not hasattr(current, n) or not hasattr(old, n)]
     if missing:
         sys.exit(f"--names: {', '.join(missing)} not in both versions of {a.module}")
@@ -80,9 +83,16 @@ def main():
     train, sample, _, _ = tinyddpm_steps(a.preset, a.batch, "cpu")
     step = train if a.step == "train" else sample
 
+    # Modules that imported a switched function by name (`from ..parallel import
+    # parallel_for`) hold their own reference to it: those are switched too.
+    holders = [(m, n) for m in list(sys.modules.values()) for n in a.names
+               if m is not current and getattr(m, n, None) is versions["new"][n]]
+
     def use(version):
         for n, fn in versions[version].items():
             setattr(current, n, fn)
+        for m, n in holders:
+            setattr(m, n, versions[version][n])
 
     times = {"old": [], "new": []}
     try:
