@@ -52,9 +52,11 @@ def output_size(size, k, stride, padding):
     return (size + 2 * padding - k) // stride + 1
 
 
-def _im2col(x, kh, kw, stride, padding, Ho, Wo, nb):
+def _im2col(x, kh, kw, stride, padding, Ho, Wo, nb, ones=False):
     """-> (im2col, row): im2col(b0, n, worker) is the patch matrix (C*kh*kw, n*Ho*row)
     of images b0 .. b0+n-1 (n <= nb), in a buffer of thread `worker` reused chunk after chunk.
+    With ones=True it has one more row, all ones: a weight matrix with the bias
+    as its last column then adds the bias inside the product.
 
     Per thread, three buffers are made once: the chunk zero-padded, whose border
     stays zero (only the interior is ever written), so padding costs one copy
@@ -70,22 +72,28 @@ def _im2col(x, kh, kw, stride, padding, Ho, Wo, nb):
     Hp, Wp = H + 2 * padding, W + 2 * padding
     row = _row(W, stride, padding, Wo)
     K = C * kh * kw
+    extra = 1 if ones else 0
 
     def make():
         x_pad = xp.zeros((nb, C, Hp + 1, Wp), dtype=x.dtype)
         sb, sc, sh, sw = x_pad.strides
         view = xp.lib.stride_tricks.as_strided(
             x_pad, (C, kh, kw, nb, Ho, row), (sc, sh, sw, sb, stride * sh, stride * sw))
-        return x_pad, view, xp.empty(K * nb * Ho * row, dtype=x.dtype)
+        cols = xp.empty((K + extra) * nb * Ho * row, dtype=x.dtype)
+        cols[K * nb * Ho * row:] = 1            # a full chunk's row of ones, never overwritten
+        return x_pad, view, cols
 
     bufs = Scratch(make)
 
     def im2col(b0, n, worker):
         x_pad, view, cols = bufs[worker]
         x_pad[:n, :, padding:padding + H, padding:padding + W] = x[b0:b0 + n]
-        c = cols[:K * n * Ho * row].reshape(C, kh, kw, n, Ho, row)     # contiguous for any n
+        size = n * Ho * row
+        c = cols[:K * size].reshape(C, kh, kw, n, Ho, row)             # contiguous for any n
         c[...] = view[:, :, :, :n]
-        return c.reshape(K, n * Ho * row)
+        if extra and n < nb:
+            cols[K * size:(K + 1) * size] = 1   # a shorter chunk's ones row sits earlier
+        return cols[:(K + extra) * size].reshape(K + extra, size)
 
     return im2col, row
 
@@ -132,17 +140,19 @@ def conv2d_forward(x, w, stride=1, padding=0, bias=None):
         return _conv2d_forward_output_side(x, w, padding, b_col)
     K = C * kh * kw
     w2 = w.reshape(O, K)
+    if bias is not None:
+        # The bias as one more weight column, against a patch row of ones: added
+        # inside the product, no pass of its own over the output.
+        w2 = xp.concatenate([w2, bias.reshape(O, 1).astype(w2.dtype, copy=False)], axis=1)
     y = xp.empty((B, O, Ho, Wo), dtype=x.dtype)
     row = _row(W, stride, padding, Wo)
     nb = _chunk(B, K * Ho * row, x.itemsize, x)
-    im2col, _ = _im2col(x, kh, kw, stride, padding, Ho, Wo, nb)
+    im2col, _ = _im2col(x, kh, kw, stride, padding, Ho, Wo, nb, ones=bias is not None)
 
     def chunk(i, worker):
         b0 = i * nb
         n = min(nb, B - b0)
         yc = xp.matmul(w2, im2col(b0, n, worker)).reshape(O, n, Ho, row)
-        if b_col is not None:
-            yc += b_col                                                 # while the chunk is in cache
         y[b0:b0 + n] = yc[:, :, :, :Wo].transpose(1, 0, 2, 3)
 
     parallel_for(-(-B // nb), chunk, backend.device_of(x))
@@ -232,15 +242,14 @@ def _conv2d_forward_output_side(x, w, padding, b_col=None):
         z = xp.matmul(w_all, x_pad.reshape(C, n * L)).reshape(kh, kw, O, n, L)
         # As flat rows of width Wp, output pixel q = i Wp + j takes z[u, v] at q + u Wp + v;
         # the Wp - Wo wrapped columns are dropped at the end, as in the im2col path.
-        acc = z[0, 0, :, :, :Ho * Wp].copy()                            # (O, n, Ho*Wp)
+        first = z[0, 0, :, :, :Ho * Wp]                                 # (O, n, Ho*Wp)
+        acc = first.copy() if b_col is None else first + b_col.reshape(O, 1, 1)
         for u in range(kh):
             for v in range(kw):
                 if u or v:
                     off = u * Wp + v
                     acc += z[u, v, :, :, off:off + Ho * Wp]
         acc = acc.reshape(O, n, Ho, Wp)
-        if b_col is not None:
-            acc += b_col
         y[b0:b0 + n] = acc[:, :, :, :Wo].transpose(1, 0, 2, 3)
 
     parallel_for(-(-B // nb), chunk, backend.device_of(x))
