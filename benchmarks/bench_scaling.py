@@ -18,7 +18,9 @@ inside its chunk bodies, as wall time and as the threads' CPU time, at 1
 and at N threads (alternating round by round again). Work that runs as fast on two threads as on one costs the
 same CPU time either way; a rise in CPU time is the chunks themselves
 running slower side by side, and wall minus CPU is time they spent waiting
-(for the GIL, mostly).
+(for the GIL, mostly). A last table splits the step itself: time inside
+parallel loops, how much of the loops' threads x time the chunks fill, and
+time outside any loop (one thread, whatever the count).
 """
 import argparse
 import collections
@@ -50,19 +52,27 @@ def time_thread_counts(steps, counts, rounds, set_count, pause=0.05):
 
 
 def chunk_times(step, counts, rounds):
-    """{threads: {kernel: (wall s, cpu s, chunks)}} per step, inside the chunk bodies of each kernel.
+    """Per thread count: ({kernel: (wall s, cpu s, chunks)}, (step s, loops s)) per step.
 
+    The first, inside the chunk bodies of each kernel (summed over threads);
+    the second, the step's wall time and how much of it the caller spent in
+    parallel loops at all (the rest runs on one thread whatever the count).
     The thread counts alternate round by round, as the steps do above.
     """
     from autograd import parallel
     from autograd.kernels import attention, conv, norm
     modules = (attention, conv, norm)
-    totals = {n: collections.defaultdict(lambda: [0.0, 0.0, 0]) for n in counts}
+
+    def fresh():
+        return collections.defaultdict(lambda: [0.0, 0.0, 0]), [0.0, 0.0]
+
+    totals = {n: fresh() for n in counts}
     current = [None]                                   # the totals of the round being run
     original = parallel.parallel_for
 
     def timed_parallel_for(n, body, device="cpu"):
-        entry = current[0][sys._getframe(1).f_code.co_name]    # the kernel that asked
+        kernels, whole = current[0]
+        entry = kernels[sys._getframe(1).f_code.co_name]    # the kernel that asked
 
         def timed(i, worker):
             w0, c0 = time.perf_counter(), time.thread_time()
@@ -70,7 +80,11 @@ def chunk_times(step, counts, rounds):
             entry[0] += time.perf_counter() - w0        # each thread adds its own chunks: the GIL
             entry[1] += time.thread_time() - c0         # makes these updates whole
             entry[2] += 1
-        return original(n, timed, device)
+        t0 = time.perf_counter()
+        try:
+            return original(n, timed, device)
+        finally:
+            whole[1] += time.perf_counter() - t0
 
     for m in modules:
         m.parallel_for = timed_parallel_for
@@ -78,14 +92,17 @@ def chunk_times(step, counts, rounds):
         for r in range(rounds + 1):                     # round 0: warm-up, not kept
             for n in (counts if r % 2 == 0 else counts[::-1]):
                 parallel.set_num_threads(n)
-                current[0] = totals[n] if r else collections.defaultdict(lambda: [0.0, 0.0, 0])
+                current[0] = totals[n] if r else fresh()
                 time.sleep(0.05)
+                t0 = time.perf_counter()
                 step()
+                current[0][1][0] += time.perf_counter() - t0
     finally:
         for m in modules:
             m.parallel_for = original
-    return {n: {k: (w / rounds, c / rounds, c_n / rounds) for k, (w, c, c_n) in t.items()}
-            for n, t in totals.items()}
+    return {n: ({k: (w / rounds, c / rounds, c_n / rounds) for k, (w, c, c_n) in kernels.items()},
+                (whole[0] / rounds, whole[1] / rounds))
+            for n, (kernels, whole) in totals.items()}
 
 
 def main():
@@ -144,9 +161,10 @@ def main():
 
     if a.chunks:
         by_count = chunk_times(steps["tinyddpm"], (1, a.threads), a.rounds)
+        (k1, _), (kn, _) = by_count[1], by_count[a.threads]
         rows = []
-        for kernel in sorted(by_count[1], key=lambda k: -by_count[1][k][0]):
-            (w1, c1, n1), (wn, cn, _) = by_count[1][kernel], by_count[a.threads].get(kernel, (0, 0, 0))
+        for kernel in sorted(k1, key=lambda k: -k1[k][0]):
+            (w1, c1, n1), (wn, cn, _) = k1[kernel], kn.get(kernel, (0, 0, 0))
             rows.append({"bench": "scaling-chunks", "kernel": kernel, "chunks": n1, "wall_1_ms": 1e3 * w1,
                          "cpu_1_ms": 1e3 * c1, "wall_n_ms": 1e3 * wn, "cpu_n_ms": 1e3 * cn,
                          "cpu_rise": cn / c1 if c1 else None})
@@ -156,6 +174,19 @@ def main():
                            ("wall_1_ms", "wall ms @1", "{:.1f}"), ("cpu_1_ms", "CPU ms @1", "{:.1f}"),
                            ("wall_n_ms", f"wall ms @{a.threads}", "{:.1f}"),
                            ("cpu_n_ms", f"CPU ms @{a.threads}", "{:.1f}"), ("cpu_rise", "CPU rise", "{:.2f}")])
+        rows = []
+        for n in (1, a.threads):
+            kernels, (step_s, loops_s) = by_count[n]
+            work = sum(w for w, _, _ in kernels.values())
+            rows.append({"bench": "scaling-whole", "threads": n, "step_ms": 1e3 * step_s,
+                         "loops_ms": 1e3 * loops_s, "outside_ms": 1e3 * (step_s - loops_s),
+                         "chunk_work_ms": 1e3 * work, "loop_use": work / (n * loops_s) if loops_s else None})
+            emit_json(rows[-1])
+        print(f"\nthe {a.step} step split: time in parallel loops (their chunks' work summed over "
+              f"threads, and how much of the loops' threads x time it fills) and outside them:")
+        print_table(rows, [("threads", "threads", "{}"), ("step_ms", "step ms", "{:.0f}"),
+                           ("loops_ms", "in loops ms", "{:.0f}"), ("chunk_work_ms", "chunk work ms", "{:.0f}"),
+                           ("loop_use", "loop use", "{:.2f}"), ("outside_ms", "outside ms", "{:.0f}")])
 
 
 if __name__ == "__main__":
