@@ -167,13 +167,13 @@ def parallel_for(n, body, device="cpu"):
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=num_threads() - 1, thread_name_prefix="autograd")
         loop = _Loop(n, body)
-        for w in range(1, threads):
-            try:
-                _pool.submit(loop.run, w)
-            except RuntimeError:           # the interpreter is shutting down: no new threads
-                break
         try:
-            loop.run(0)                    # the caller takes chunks too, from the same counter
+            for w in range(1, threads):
+                try:
+                    _pool.submit(loop.run, w)
+                except RuntimeError:       # the interpreter is shutting down: no new threads
+                    break
+            loop.work(0)                   # the caller: not counted (finish() follows it anyway)
         finally:
             loop.finish()                  # no chunk starts after this; those running end first
         if loop.errors:
@@ -210,27 +210,31 @@ class _Loop:
                 return
             self.working += 1
         try:
-            while not (self.errors or self.closed):
-                i = next(self.taken)
-                if i >= self.n:
-                    return
-                try:
-                    self.body(i, worker)
-                except BaseException as e:
-                    self.errors.append(e)
+            self.work(worker)
         finally:
             with self.lock:
                 self.working -= 1
                 if self.closed and not self.working:
                     self.left.set()
 
+    def work(self, worker):
+        while not (self.errors or self.closed):
+            i = next(self.taken)
+            if i >= self.n:
+                return
+            try:
+                self.body(i, worker)
+            except BaseException as e:
+                self.errors.append(e)
+
     def finish(self):
         """Let no thread start a chunk from now on; return once none is running one."""
         with self.lock:
             self.closed = True
-            if not self.working:
-                return
-        self.left.wait()
+            busy = self.working
+        if busy:
+            self.left.wait()
+        self.body = None                   # a stale queued run() then keeps no kernel buffers alive
 
 
 class Scratch:
