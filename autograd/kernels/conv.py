@@ -243,7 +243,10 @@ def _conv2d_forward_output_side(x, w, padding, b_col=None):
         # As flat rows of width Wp, output pixel q = i Wp + j takes z[u, v] at q + u Wp + v;
         # the Wp - Wo wrapped columns are dropped at the end, as in the im2col path.
         first = z[0, 0, :, :, :Ho * Wp]                                 # (O, n, Ho*Wp)
-        acc = first.copy() if b_col is None else first + b_col.reshape(O, 1, 1)
+        if b_col is None:
+            acc = first.copy()
+        else:                                                           # in the output's dtype
+            acc = first + b_col.reshape(O, 1, 1).astype(first.dtype, copy=False)
         for u in range(kh):
             for v in range(kw):
                 if u or v:
