@@ -1,0 +1,189 @@
+"""What a busy neighbour costs a kernel: the kernel's CPU time per call, alone and
+while a second thread (or process) runs something else.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_gil.py \\
+        [--kernel conv] [--batch 64] [--rounds 15]
+
+The kernel (a 3x3 convolution 32->32 on 28x28 maps, its backward, or a group
+norm + SiLU; batch 64, float32) runs on the main thread with the kernel pool
+at one thread, so every chunk runs there, in order. Meanwhile runs one of:
+
+- nothing;
+- `matmul`: a thread of 1024x1024 matrix products, ~10 ms each, the GIL
+  released all along (compute-bound, as the kernel's own products);
+- `copy`: a thread copying a 16 MB array, the GIL released all along
+  (memory-bound, as the kernel's im2col);
+- `tiny`: a thread of element-wise additions of 2,000 floats, about 1 us
+  each: nearly all GIL handovers, next to no memory traffic;
+- `same`: a thread running the same kernel on other arrays, taking and giving
+  back the GIL around each of its NumPy calls, as the second thread of a
+  parallel loop does;
+- `process`: the same kernel in another process (no GIL shared).
+
+The kernel and its neighbour each run on a CPU of their own (`--no-pin`:
+wherever the scheduler puts them). The neighbours alternate round by round;
+each figure is the median CPU time (`time.thread_time`: time spent waiting
+for the GIL is not in it) of the kernel's calls, and how many times per
+call its thread slept (found the GIL taken and waited to be woken). A
+parallel loop's chunks take more CPU time on two threads than on one
+(bench_scaling.py --chunks); this separates what the threads share: the GIL
+(`tiny`, `same`), the machine's caches, memory and host (`matmul`, `copy`,
+`process`). docs/performance.md, "Sixth round", has the figures.
+"""
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from common import emit_json, machine_header, print_table, set_threads  # noqa: E402
+
+
+def make_kernel(kind, batch, seed):
+    """A function running the kernel once on its own arrays (made here, seeded)."""
+    from autograd.kernels import conv, norm
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, 32, 28, 28), dtype=np.float32)
+    if kind == "conv":
+        w = rng.standard_normal((32, 32, 3, 3), dtype=np.float32)
+        b = rng.standard_normal(32, dtype=np.float32)
+        return lambda: conv.conv2d_forward(x, w, 1, 1, b)
+    if kind == "conv-backward":
+        w = rng.standard_normal((32, 32, 3, 3), dtype=np.float32)
+        dy = rng.standard_normal(x.shape, dtype=np.float32)
+        return lambda: conv.conv2d_backward(dy, x, w, 1, 1, need_b=True)
+    if kind == "norm":
+        g, b = rng.standard_normal(32, dtype=np.float32), rng.standard_normal(32, dtype=np.float32)
+        return lambda: norm.group_norm_fused_forward(x, 8, g, b, 1e-5, silu=True, keep_t=False)
+    raise ValueError(f"--kernel: unknown {kind!r}; choose conv, conv-backward or norm")
+
+
+def make_neighbours(kernel, batch):
+    """{name: one unit of a neighbour thread's work}, each on arrays of its own."""
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((1024, 1024), dtype=np.float32)
+    a_out = np.empty_like(a)
+    src = rng.standard_normal(4 << 20, dtype=np.float32)
+    dst = np.empty_like(src)
+    small = rng.standard_normal(2000, dtype=np.float32)
+    small_out = np.empty_like(small)
+    return {"matmul": lambda: np.matmul(a, a, out=a_out),
+            "copy": lambda: np.copyto(dst, src),
+            "tiny": lambda: np.add(small, small, out=small_out),
+            "same": make_kernel(kernel, batch, seed=2)}
+
+
+def cpu_per_call(run, calls):
+    """(median CPU seconds, median sleeps) per call of run() on this thread.
+
+    A sleep is a voluntary context switch: the thread waited, for the GIL
+    mostly (getrusage's count for this thread alone).
+    """
+    times, sleeps = [], []
+    for _ in range(calls):
+        s0 = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+        t0 = time.thread_time()
+        run()
+        times.append(time.thread_time() - t0)
+        sleeps.append(resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw - s0)
+    return statistics.median(times), statistics.median(sleeps)
+
+
+def beside(neighbour, run, calls, cpu=None):
+    """run()'s CPU time per call on this thread while `neighbour` loops on another
+    (on CPU `cpu` when given)."""
+    if neighbour is None:
+        return cpu_per_call(run, calls)
+    if isinstance(neighbour, list):     # a command: the neighbour is another process
+        pin = [] if cpu is None else ["--cpu", str(cpu)]
+        child = subprocess.Popen(neighbour + pin, stdout=subprocess.DEVNULL)
+        try:
+            time.sleep(2.0)             # started, imported and looping before the first timed call
+            if child.poll() is not None:
+                sys.exit(f"the neighbour process {neighbour} stopped (exit code {child.returncode})")
+            return cpu_per_call(run, calls)
+        finally:
+            child.kill()
+            child.wait()
+    stop = threading.Event()
+
+    def loop():
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})   # Linux: 0 is the calling thread alone
+        while not stop.is_set():
+            neighbour()
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    time.sleep(0.02)                   # the neighbour is running before the first timed call
+    try:
+        return cpu_per_call(run, calls)
+    finally:
+        stop.set()
+        t.join()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--kernel", default="conv", choices=("conv", "conv-backward", "norm"))
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--calls", type=int, default=4, help="timed calls per round and neighbour")
+    p.add_argument("--no-pin", action="store_true",
+                   help="leave both threads to the scheduler (by default each has a CPU of its own)")
+    p.add_argument("--loop-forever", action="store_true", help=argparse.SUPPRESS)   # the `process` neighbour
+    p.add_argument("--cpu", type=int, help=argparse.SUPPRESS)                        # ... and its CPU
+    a = p.parse_args()
+    if a.batch < 1 or a.rounds < 1 or a.calls < 1:
+        sys.exit("--batch, --rounds and --calls must be at least 1")
+    if not (hasattr(resource, "RUSAGE_THREAD") and hasattr(os, "sched_setaffinity")):
+        sys.exit("bench_gil.py needs Linux: per-thread getrusage and CPU affinity")
+    set_threads(1)                     # the kernel pool and the BLAS at one thread: all on this one
+    # Pinned, the kernel and its neighbour each keep a CPU: left to the scheduler,
+    # a woken neighbour is sometimes placed on the kernel's CPU for a while, and
+    # the same run repeated gave 1.0 or 1.35 for the same neighbour.
+    cpus = sorted(os.sched_getaffinity(0))
+    mine, theirs = (None, None) if a.no_pin or len(cpus) < 2 else (cpus[0], cpus[1])
+    if a.cpu is not None:
+        os.sched_setaffinity(0, {a.cpu})
+    elif mine is not None:
+        os.sched_setaffinity(0, {mine})
+    if a.loop_forever:
+        other = make_kernel(a.kernel, a.batch, seed=2)
+        while True:
+            other()
+    run = make_kernel(a.kernel, a.batch, seed=0)
+    neighbours = {"none": None, **make_neighbours(a.kernel, a.batch),
+                  "process": [sys.executable, os.path.abspath(__file__), "--kernel", a.kernel,
+                              "--batch", str(a.batch), "--loop-forever"]}
+    for f in [run] + [f for f in neighbours.values() if callable(f)]:
+        f()                            # warm-up: buffers, first-call costs
+    times = {name: [] for name in neighbours}
+    for r in range(a.rounds):
+        order = list(neighbours) if r % 2 == 0 else list(neighbours)[::-1]
+        for name in order:
+            times[name].append(beside(neighbours[name], run, a.calls, theirs))
+    emit_json({"bench": "gil", "machine": machine_header()})
+    alone = statistics.median(t for t, _ in times["none"])
+    rows = []
+    for name, ts in times.items():
+        m = statistics.median(t for t, _ in ts)
+        rows.append({"bench": "gil", "kernel": a.kernel, "batch": a.batch, "rounds": a.rounds,
+                     "neighbour": name, "cpu_ms": 1e3 * m, "vs_alone": m / alone,
+                     "sleeps": statistics.median(n for _, n in ts)})
+        emit_json(rows[-1])
+    placed = "left to the scheduler" if mine is None else f"kernel on CPU {mine}, neighbour on CPU {theirs}"
+    print(f"\n{a.kernel}, batch {a.batch}: CPU time per call on one thread, median of {a.rounds} "
+          f"rounds x {a.calls} calls, beside each neighbour (alternating; {placed})")
+    print_table(rows, [("neighbour", "neighbour", "{}"), ("cpu_ms", "CPU ms per call", "{:.2f}"),
+                       ("vs_alone", "vs alone", "{:.3f}"), ("sleeps", "sleeps per call", "{:.0f}")])
+
+
+if __name__ == "__main__":
+    main()
