@@ -144,20 +144,27 @@ def main():
         sys.exit("--batch, --rounds and --calls must be at least 1")
     if not (hasattr(resource, "RUSAGE_THREAD") and hasattr(os, "sched_setaffinity")):
         sys.exit("bench_gil.py needs Linux: per-thread getrusage and CPU affinity")
-    set_threads(1)                     # the kernel pool and the BLAS at one thread: all on this one
+    # The kernel pool and the BLAS at one thread (below): every chunk on this one.
     # Pinned, the kernel and its neighbour each keep a CPU: left to the scheduler,
     # a woken neighbour is sometimes placed on the kernel's CPU for a while, and
     # the same run repeated gave 1.0 or 1.35 for the same neighbour.
     cpus = sorted(os.sched_getaffinity(0))
     mine, theirs = (None, None) if a.no_pin or len(cpus) < 2 else (cpus[0], cpus[1])
-    if a.cpu is not None:
-        os.sched_setaffinity(0, {a.cpu})
-    elif mine is not None:
-        os.sched_setaffinity(0, {mine})
-    if a.loop_forever:
+    if a.loop_forever:                 # the `process` neighbour: pinned only where the parent says
+        if a.cpu is not None:
+            os.sched_setaffinity(0, {a.cpu})
+        set_threads(1)
+        parent = os.getppid()
         other = make_kernel(a.kernel, a.batch, seed=2)
-        while True:
+        while os.getppid() == parent:  # stop if the parent dies without killing us
             other()
+        return
+    if a.cpu is not None:
+        sys.exit("--cpu is only for the neighbour process bench_gil.py starts itself")
+    if set_threads(1) is False:
+        sys.exit("bench_gil.py needs threadpoolctl to hold the BLAS at one thread (pip install threadpoolctl)")
+    if mine is not None:
+        os.sched_setaffinity(0, {mine})
     run = make_kernel(a.kernel, a.batch, seed=0)
     neighbours = {"none": None, **make_neighbours(a.kernel, a.batch),
                   "process": [sys.executable, os.path.abspath(__file__), "--kernel", a.kernel,
