@@ -150,6 +150,7 @@ def parallel_for(n, body, device="cpu"):
     Each i runs exactly once; bodies must write disjoint outputs. An exception in
     any body is raised here once every chunk that had started has stopped.
     """
+    global _pool
     if device != "cpu":
         for i in range(n):
             body(i, 0)
@@ -158,12 +159,16 @@ def parallel_for(n, body, device="cpu"):
         _keep_host_memory()
     _hold_blas()
     threads = min(n, num_threads())
-    if threads <= 1 or not _busy.acquire(blocking=False):
-        for i in range(n):
-            body(i, 0)
-        return
+    held = False
     try:
-        global _pool
+        # The acquire sits inside the try, so that a Ctrl-C landing between it
+        # and the try cannot leave the lock held (every later loop would then
+        # run on one thread). Only the store into `held` is left unguarded.
+        held = threads > 1 and _busy.acquire(blocking=False)
+        if not held:
+            for i in range(n):
+                body(i, 0)
+            return
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=num_threads() - 1, thread_name_prefix="autograd")
         loop = _Loop(n, body)
@@ -179,7 +184,8 @@ def parallel_for(n, body, device="cpu"):
         if loop.errors:
             raise loop.errors[0]
     finally:
-        _busy.release()
+        if held:
+            _busy.release()
 
 
 class _Loop:
