@@ -1,12 +1,16 @@
 """Convolution forward + backward at the UNet's shapes, against PyTorch when it is importable.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_conv.py [--batch 64] [--rounds 9]
+    python benchmarks/bench_conv.py --preset mnist --device cuda --batch 128 [--tf32]
 
 Each configuration times `F.conv2d(x, w, b)` followed by `backward(dy)` on
-Tensors (what a training step does), float32, 2 threads for both. With torch
-importable (e.g. from .torchvenv/bin/python) the same work in PyTorch runs
-alternately, round by round. Prints one JSON line per configuration, then a
-table.
+Tensors (what a training step does), float32, 2 threads for both on a CPU.
+With torch importable (e.g. from .torchvenv/bin/python) the same work in
+PyTorch runs alternately, round by round. Without --preset the shapes are
+the fixed list below; with it, the distinct convolutions of one forward
+pass of that preset's UNet, each with how often it occurs, and a last row
+with the sums weighted by those counts (a step's convolutions, forward and
+backward). Prints one JSON line per configuration, then a table.
 """
 import argparse
 import os
@@ -19,7 +23,8 @@ import numpy as np  # noqa: E402
 from common import emit_json, set_threads, machine_header, print_table, time_alternating, torch_or_none  # noqa: E402
 
 import autograd  # noqa: E402
-from autograd import functional as F  # noqa: E402
+from autograd import backend, functional as F  # noqa: E402
+from tinyddpm.unet import PRESETS, UNet  # noqa: E402
 
 # (name, C_in, C_out, H=W, kernel, stride): the convolutions of the mnist and
 # mnist-tiny UNets (DESIGN.md, "The UNet").
@@ -48,8 +53,34 @@ def make_case(batch, cin, cout, size, k, stride, seed=0):
     return x, w, b, dy, pad
 
 
-def ours(x, w, b, dy, stride, pad):
-    tx, tw, tb = (autograd.Tensor(a, requires_grad=True) for a in (x, w, b))
+def preset_configs(preset):
+    """(name, C_in, C_out, H=W, kernel, stride, count) of every distinct convolution
+    in one forward pass of the preset's UNet, in the order they first run."""
+    model = UNet(**PRESETS[preset], rng=np.random.default_rng(0))
+    seen = {}
+    original = F.conv2d
+
+    def record(x, w, b=None, stride=1, padding=0):
+        key = (x.shape[1], w.shape[0], x.shape[2], w.shape[2], stride)
+        seen[key] = seen.get(key, 0) + 1
+        return original(x, w, b, stride=stride, padding=padding)
+
+    F.conv2d = record
+    try:
+        with autograd.no_grad():
+            model(autograd.Tensor(np.zeros((1, 1, 28, 28), np.float32)), np.array([0]))
+    finally:
+        F.conv2d = original
+    configs = []
+    for (cin, cout, size, k, stride), count in seen.items():
+        name = f"{k}x{k}{' s2' if stride == 2 else ''} {cin}->{cout} @{size}"
+        configs.append((name, cin, cout, size, k, stride, count))
+    return configs
+
+
+def ours(x, w, b, dy, stride, pad, device):
+    tx, tw, tb = (autograd.Tensor(a, requires_grad=True).to(device) for a in (x, w, b))
+    dy = backend.to_device(dy, device)
 
     def step():
         tx.grad = tw.grad = tb.grad = None
@@ -57,9 +88,9 @@ def ours(x, w, b, dy, stride, pad):
     return step
 
 
-def theirs(torch, x, w, b, dy, stride, pad):
-    tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
-    tdy = torch.tensor(dy)
+def theirs(torch, x, w, b, dy, stride, pad, device):
+    tx, tw, tb = (torch.tensor(a, device=device, requires_grad=True) for a in (x, w, b))
+    tdy = torch.tensor(dy, device=device)
 
     def step():
         tx.grad = tw.grad = tb.grad = None
@@ -73,32 +104,54 @@ def main():
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--threads", type=int, default=2, help="threads for tinyddpm (kernel pool and BLAS) and for torch")
     p.add_argument("--no-torch", action="store_true", help="time tinyddpm only")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="the convolutions of this UNet preset, with counts (default: a fixed list)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--tf32", action="store_true", help="cuda: TF32 tensor cores for both (as bench_step.py)")
     a = p.parse_args()
     set_threads(a.threads)
     torch = None if a.no_torch else torch_or_none(a.threads)
+    syncs = []
+    if a.device == "cuda":
+        backend.set_tf32(a.tf32)
+        syncs.append(lambda: backend.cupy.cuda.Device().synchronize())
+        if torch is not None:
+            if not torch.cuda.is_available():
+                sys.exit("--device cuda: this torch sees no CUDA device (or use --no-torch)")
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = a.tf32
+            syncs.append(torch.cuda.synchronize)
     header = machine_header()
-    header["torch"] = torch.__version__ if torch else None
+    header.update(torch=torch.__version__ if torch else None, device=a.device, tf32=a.tf32)
     emit_json({"bench": "conv", "machine": header})
 
+    configs = preset_configs(a.preset) if a.preset else [c + (1,) for c in CONFIGS]
     rows = []
-    for name, cin, cout, size, k, stride in CONFIGS:
+    for name, cin, cout, size, k, stride, count in configs:
         x, w, b, dy, pad = make_case(a.batch, cin, cout, size, k, stride)
-        fns = {"tinyddpm": ours(x, w, b, dy, stride, pad)}
+        fns = {"tinyddpm": ours(x, w, b, dy, stride, pad, a.device)}
         if torch:
-            fns["torch"] = theirs(torch, x, w, b, dy, stride, pad)
-        med = time_alternating(fns, a.rounds)
-        row = {"bench": "conv", "config": name, "x": [a.batch, cin, size, size],
-               "w": [cout, cin, k, k], "stride": stride, "padding": pad,
+            fns["torch"] = theirs(torch, x, w, b, dy, stride, pad, a.device)
+        med = time_alternating(fns, a.rounds, sync=lambda: [s() for s in syncs])
+        row = {"bench": "conv", "config": name, "count": count, "x": [a.batch, cin, size, size],
+               "w": [cout, cin, k, k], "stride": stride, "padding": pad, "device": a.device,
                "tinyddpm_ms": 1e3 * med["tinyddpm"],
                "torch_ms": 1e3 * med["torch"] if torch else None}
         row["ratio"] = row["tinyddpm_ms"] / row["torch_ms"] if torch else None
         emit_json(row)
         rows.append(row)
+    if a.preset:
+        total = {"config": f"all of {a.preset}, weighted by count", "count": sum(r["count"] for r in rows),
+                 "tinyddpm_ms": sum(r["count"] * r["tinyddpm_ms"] for r in rows)}
+        total["torch_ms"] = sum(r["count"] * r["torch_ms"] for r in rows) if torch else None
+        total["ratio"] = total["tinyddpm_ms"] / total["torch_ms"] if torch else None
+        emit_json({"bench": "conv-total", "preset": a.preset, "batch": a.batch, "device": a.device, **total})
+        rows.append(total)
 
     print()
-    print(f"conv2d forward+backward, batch {a.batch}, float32, median of {a.rounds}; "
-          f"BLAS: {header['blas']}; torch: {header['torch']}")
-    print_table(rows, [("config", "configuration", "{}"), ("tinyddpm_ms", "tinyddpm ms", "{:.2f}"),
+    print(f"conv2d forward+backward, batch {a.batch}, float32{' (TF32)' if a.tf32 else ''}, {a.device}, "
+          f"median of {a.rounds}; BLAS: {header['blas']}; torch: {header['torch']}")
+    print_table(rows, [("config", "configuration", "{}"), ("count", "count", "{}"),
+                       ("tinyddpm_ms", "tinyddpm ms", "{:.2f}"),
                        ("torch_ms", "torch ms", "{:.2f}"), ("ratio", "ratio", "{:.2f}")])
 
 

