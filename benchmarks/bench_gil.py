@@ -22,9 +22,12 @@ at one thread, so every chunk runs there, in order. Meanwhile runs one of:
 
 The kernel and its neighbour each run on a CPU of their own (`--no-pin`:
 wherever the scheduler puts them). The neighbours alternate round by round;
-each figure is the median CPU time (`time.thread_time`: time spent waiting
-for the GIL is not in it) of the kernel's calls, and how many times per
-call its thread slept (found the GIL taken and waited to be woken). A
+each figure is a median over rounds of the round's median over its calls:
+the kernel's CPU time per call (`time.thread_time`: time spent waiting for
+the GIL is not in it), its wall time per call (which is), and how many
+times per call its thread slept (found the GIL taken and waited to be
+woken). A neighbour that stops while the kernel is timed ends the run with
+an error rather than passing for "none". A
 parallel loop's chunks take more CPU time on two threads than on one
 (bench_scaling.py --chunks); this separates what the threads share: the GIL
 (`tiny`, `same`), the machine's caches, memory and host (`matmul`, `copy`,
@@ -81,19 +84,22 @@ def make_neighbours(kernel, batch):
 
 
 def cpu_per_call(run, calls):
-    """(median CPU seconds, median sleeps) per call of run() on this thread.
+    """(CPU seconds, wall seconds, sleeps) per call of run() on this thread, each
+    the median of `calls` calls.
 
     A sleep is a voluntary context switch: the thread waited, for the GIL
-    mostly (getrusage's count for this thread alone).
+    mostly (getrusage's count for this thread alone). Wall time less CPU time
+    is the time spent waiting, for the GIL or for a CPU.
     """
-    times, sleeps = [], []
+    times, walls, sleeps = [], [], []
     for _ in range(calls):
         s0 = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
-        t0 = time.thread_time()
+        w0, t0 = time.perf_counter(), time.thread_time()
         run()
         times.append(time.thread_time() - t0)
+        walls.append(time.perf_counter() - w0)
         sleeps.append(resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw - s0)
-    return statistics.median(times), statistics.median(sleeps)
+    return statistics.median(times), statistics.median(walls), statistics.median(sleeps)
 
 
 def beside(neighbour, run, calls, cpu=None):
@@ -108,25 +114,53 @@ def beside(neighbour, run, calls, cpu=None):
             time.sleep(2.0)             # started, imported and looping before the first timed call
             if child.poll() is not None:
                 sys.exit(f"the neighbour process {neighbour} stopped (exit code {child.returncode})")
-            return cpu_per_call(run, calls)
+            measured = cpu_per_call(run, calls)
+            if child.poll() is not None:   # it must have run all along, not only at the start
+                sys.exit(f"the neighbour process {neighbour} stopped while the kernel was timed "
+                         f"(exit code {child.returncode})")
+            return measured
         finally:
             child.kill()
             child.wait()
     stop = threading.Event()
+    done = [0]                         # the neighbour's units of work so far
+    failed = []
 
     def loop():
-        if cpu is not None:
-            os.sched_setaffinity(0, {cpu})   # Linux: 0 is the calling thread alone
-        while not stop.is_set():
-            neighbour()
+        try:
+            if cpu is not None:
+                os.sched_setaffinity(0, {cpu})   # Linux: 0 is the calling thread alone
+            while not stop.is_set():
+                neighbour()
+                done[0] += 1
+        except BaseException as e:     # reported by the caller: a silent stop would fake "alone"
+            failed.append(e)
     t = threading.Thread(target=loop, daemon=True)
     t.start()
     time.sleep(0.02)                   # the neighbour is running before the first timed call
     try:
-        return cpu_per_call(run, calls)
+        before = done[0]
+        measured = cpu_per_call(run, calls)
+        if failed or not t.is_alive() or done[0] == before:
+            sys.exit(f"the neighbour thread did no work while the kernel was timed"
+                     f"{': ' + repr(failed[0]) if failed else ''}")
+        return measured
     finally:
         stop.set()
         t.join()
+
+
+def neighbour_process(kernel, batch, cpu):
+    """The `process` neighbour (bench_gil.py --loop-forever): the kernel on arrays
+    of its own, over and over, pinned only where the parent says, until the
+    parent kills it or dies."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    set_threads(1)
+    parent = os.getppid()
+    other = make_kernel(kernel, batch, seed=2)
+    while os.getppid() == parent:      # stop if the parent dies without killing us
+        other()
 
 
 def main():
@@ -148,17 +182,13 @@ def main():
     # Pinned, the kernel and its neighbour each keep a CPU: left to the scheduler,
     # a woken neighbour is sometimes placed on the kernel's CPU for a while, and
     # the same run repeated gave 1.0 or 1.35 for the same neighbour.
+    if a.loop_forever:
+        return neighbour_process(a.kernel, a.batch, a.cpu)
     cpus = sorted(os.sched_getaffinity(0))
-    mine, theirs = (None, None) if a.no_pin or len(cpus) < 2 else (cpus[0], cpus[1])
-    if a.loop_forever:                 # the `process` neighbour: pinned only where the parent says
-        if a.cpu is not None:
-            os.sched_setaffinity(0, {a.cpu})
-        set_threads(1)
-        parent = os.getppid()
-        other = make_kernel(a.kernel, a.batch, seed=2)
-        while os.getppid() == parent:  # stop if the parent dies without killing us
-            other()
-        return
+    if len(cpus) < 2:
+        sys.exit(f"bench_gil.py needs at least 2 CPUs, this process may use {len(cpus)}: "
+                 "a neighbour on the kernel's own CPU measures time-sharing, not the GIL")
+    mine, theirs = (None, None) if a.no_pin else (cpus[0], cpus[1])
     if a.cpu is not None:
         sys.exit("--cpu is only for the neighbour process bench_gil.py starts itself")
     if set_threads(1) is False:
@@ -177,19 +207,22 @@ def main():
         for name in order:
             times[name].append(beside(neighbours[name], run, a.calls, theirs))
     emit_json({"bench": "gil", "machine": machine_header()})
-    alone = statistics.median(t for t, _ in times["none"])
+    # Each figure: the median over rounds of each round's median over its calls.
+    alone = statistics.median(t for t, _, _ in times["none"])
     rows = []
     for name, ts in times.items():
-        m = statistics.median(t for t, _ in ts)
+        m = statistics.median(t for t, _, _ in ts)
         rows.append({"bench": "gil", "kernel": a.kernel, "batch": a.batch, "rounds": a.rounds,
                      "neighbour": name, "cpu_ms": 1e3 * m, "vs_alone": m / alone,
-                     "sleeps": statistics.median(n for _, n in ts)})
+                     "wall_ms": 1e3 * statistics.median(w for _, w, _ in ts),
+                     "sleeps": statistics.median(n for _, _, n in ts)})
         emit_json(rows[-1])
     placed = "left to the scheduler" if mine is None else f"kernel on CPU {mine}, neighbour on CPU {theirs}"
     print(f"\n{a.kernel}, batch {a.batch}: CPU time per call on one thread, median of {a.rounds} "
           f"rounds x {a.calls} calls, beside each neighbour (alternating; {placed})")
     print_table(rows, [("neighbour", "neighbour", "{}"), ("cpu_ms", "CPU ms per call", "{:.2f}"),
-                       ("vs_alone", "vs alone", "{:.3f}"), ("sleeps", "sleeps per call", "{:.0f}")])
+                       ("vs_alone", "vs alone", "{:.3f}"), ("wall_ms", "wall ms per call", "{:.2f}"),
+                       ("sleeps", "sleeps per call", "{:.0f}")])
 
 
 if __name__ == "__main__":
