@@ -158,14 +158,15 @@ def parallel_for(n, body, device="cpu"):
     if not _host_memory_asked:
         _keep_host_memory()
     _hold_blas()
-    threads = min(n, num_threads())
-    held = False
+    if min(n, num_threads()) <= 1 or not _busy.acquire(blocking=False):
+        for i in range(n):
+            body(i, 0)
+        return
     try:
-        # The acquire sits inside the try, so that a Ctrl-C landing between it
-        # and the try cannot leave the lock held (every later loop would then
-        # run on one thread). Only the store into `held` is left unguarded.
-        held = threads > 1 and _busy.acquire(blocking=False)
-        if not held:
+        # Read again under the lock: set_num_threads (which takes it too) may
+        # have changed the count since the line above.
+        threads = min(n, num_threads())
+        if threads <= 1:
             for i in range(n):
                 body(i, 0)
             return
@@ -184,8 +185,7 @@ def parallel_for(n, body, device="cpu"):
         if loop.errors:
             raise loop.errors[0]
     finally:
-        if held:
-            _busy.release()
+        _busy.release()
 
 
 class _Loop:

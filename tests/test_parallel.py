@@ -147,6 +147,28 @@ def test_a_pool_that_takes_no_more_work_leaves_the_caller_to_do_it(threads, monk
     monkeypatch.setattr(parallel, "_pool", None)
 
 
+@needs_threadpoolctl
+def test_a_thread_count_changed_just_before_the_loop_takes_its_lock_is_respected(threads, monkeypatch):
+    """set_num_threads(1) from another thread can land between parallel_for's
+    first look at the count and its taking the lock: the count read under the
+    lock decides (here: run in order), never a pool of zero workers."""
+    threads(2)
+    monkeypatch.setattr(parallel, "_pool", None)
+    monkeypatch.setattr(parallel, "_hold_blas", lambda: None)   # it reads the count too
+    counts = iter([2])                  # the first look sees 2; every later one sees 1
+    monkeypatch.setattr(parallel, "num_threads", lambda: next(counts, 1))
+    workers = set()
+    out = np.zeros(5)
+
+    def body(i, worker):
+        workers.add(worker)
+        out[i] = i + 1
+    parallel.parallel_for(5, body)
+    np.testing.assert_array_equal(out, np.arange(1, 6))
+    assert workers == {0}
+    assert not parallel._busy.locked()
+
+
 def test_default_threads_never_exceed_the_cpus_this_process_may_use(monkeypatch):
     import os
     monkeypatch.setattr(parallel, "_threads", None)
