@@ -102,9 +102,9 @@ def cpu_per_call(run, calls):
     return statistics.median(times), statistics.median(walls), statistics.median(sleeps)
 
 
-def beside(neighbour, run, calls, cpu=None):
-    """run()'s CPU time per call on this thread while `neighbour` loops on another
-    (on CPU `cpu` when given)."""
+def beside(neighbour, run, calls, cpu=None, name="?"):
+    """run()'s CPU time per call on this thread while `neighbour` (called `name`)
+    loops on another (on CPU `cpu` when given)."""
     if neighbour is None:
         return cpu_per_call(run, calls)
     if isinstance(neighbour, list):     # a command: the neighbour is another process
@@ -113,17 +113,17 @@ def beside(neighbour, run, calls, cpu=None):
         try:
             time.sleep(2.0)             # started, imported and looping before the first timed call
             if child.poll() is not None:
-                sys.exit(f"the neighbour process {neighbour} stopped (exit code {child.returncode})")
+                sys.exit(f"the neighbour process {name} stopped (exit code {child.returncode})")
             measured = cpu_per_call(run, calls)
             if child.poll() is not None:   # it must have run all along, not only at the start
-                sys.exit(f"the neighbour process {neighbour} stopped while the kernel was timed "
+                sys.exit(f"the neighbour process {name} stopped while the kernel was timed "
                          f"(exit code {child.returncode})")
             return measured
         finally:
             child.kill()
             child.wait()
     stop = threading.Event()
-    done = [0]                         # the neighbour's units of work so far
+    started, finished = [0], [0]       # the neighbour's units of work begun and ended so far
     failed = []
 
     def loop():
@@ -131,18 +131,22 @@ def beside(neighbour, run, calls, cpu=None):
             if cpu is not None:
                 os.sched_setaffinity(0, {cpu})   # Linux: 0 is the calling thread alone
             while not stop.is_set():
+                started[0] += 1
                 neighbour()
-                done[0] += 1
+                finished[0] += 1
         except BaseException as e:     # reported by the caller: a silent stop would fake "alone"
             failed.append(e)
     t = threading.Thread(target=loop, daemon=True)
     t.start()
     time.sleep(0.02)                   # the neighbour is running before the first timed call
     try:
-        before = done[0]
+        done_before = finished[0]
         measured = cpu_per_call(run, calls)
-        if failed or not t.is_alive() or done[0] == before:
-            sys.exit(f"the neighbour thread did no work while the kernel was timed"
+        # Some unit of the neighbour's work must overlap the timed calls: one
+        # begun before their end and not ended before their start (a unit may
+        # well be longer than all the timed calls together).
+        if failed or not t.is_alive() or started[0] <= done_before:
+            sys.exit(f"the neighbour thread {name} did no work while the kernel was timed"
                      f"{': ' + repr(failed[0]) if failed else ''}")
         return measured
     finally:
@@ -205,7 +209,7 @@ def main():
     for r in range(a.rounds):
         order = list(neighbours) if r % 2 == 0 else list(neighbours)[::-1]
         for name in order:
-            times[name].append(beside(neighbours[name], run, a.calls, theirs))
+            times[name].append(beside(neighbours[name], run, a.calls, theirs, name))
     emit_json({"bench": "gil", "machine": machine_header()})
     # Each figure: the median over rounds of each round's median over its calls.
     alone = statistics.median(t for t, _, _ in times["none"])
