@@ -85,10 +85,10 @@ def main(argv=None):
 
     options = dict(
         preset="mnist-tiny", steps=steps, batch_size=batch, seed=args.seed,
-        # A short run: warm the learning rate up over its first tenth (at most the usual 500),
-        # and let the EMA average over about the last fifth of the run. The trainer's default
-        # decay, 0.999, remembers ~1000 steps: after a few hundred its average would still be
-        # mostly the random initialization.
+        # A short run: warm the learning rate up over its first tenth (at most 500 steps),
+        # and let the EMA average over about the last fifth of the run (at most ~1000 steps,
+        # decay 0.999): an average with a longer memory than the run would still be mostly
+        # the random initialization.
         warmup=min(500, max(1, steps // 10)),
         ema_decay=min(0.999, max(0.0, 1 - 5 / steps)),
         # One grid at the end (sample_every=0), drawn with a respaced chain.
