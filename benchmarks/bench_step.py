@@ -255,6 +255,8 @@ def memory_child(impl, which, preset, batch, device, threads):
         out["device_peak_mb"] = pool.total_bytes() / 2 ** 20   # the pool keeps its high-water mark
     elif device == "cuda":
         out["device_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        # What its caching allocator held at most: the figure like CuPy's pool total.
+        out["device_reserved_mb"] = torch.cuda.max_memory_reserved() / 2 ** 20
     print(json.dumps(out))
 
 
@@ -291,8 +293,9 @@ def profile_step(step, rounds, sync):
     billed for the launch only, and a later op that waits for the device for
     the work of all before it. The synchronizations keep the device from
     overlapping one op's kernels with the host's launching of the next, so
-    the profiled step is longer than the benchmark's; the shares still say
-    which op's kernels take the time."""
+    the profiled step is longer than the benchmark's, and each op's figure
+    is its launches plus its kernels plus one synchronization: a lead to
+    where the time goes, not kernel time alone."""
     import autograd.optim as optim_mod
     totals = {}
     depth = [0]   # only the outermost timed call counts (Mean.forward calls Sum.forward)
@@ -359,11 +362,13 @@ def profile_step(step, rounds, sync):
 def host_and_device_ms(step, rounds):
     """CUDA only: (host ms, device ms) per step, medians of `rounds`, by
     cupyx.profiler.benchmark, which reads the host clock around each call
-    and CUDA events on the device around it. Host time close to device time
-    means the device waits for Python to issue kernels (launch-bound); host
-    time well under it means the kernels themselves take the time. A
-    synchronization inside the step (clip_grad_norm reads the norm back)
-    makes the host wait for the device there, which counts as host time."""
+    and CUDA events on the device around it. For a step without a host
+    synchronization inside (the sampling step), host time close to device
+    time means the device waits for Python to issue kernels (launch-bound);
+    host time well under it means the kernels themselves take the time. The
+    training step reads the gradient norm back (clip_grad_norm), so its host
+    time includes waiting for the device and says nothing of the kind: it
+    is not measured this way."""
     from cupyx.profiler import benchmark
     result = benchmark(step, n_repeat=rounds, n_warmup=1)
     return 1e3 * float(np.median(result.cpu_times)), 1e3 * float(np.median(result.gpu_times[0]))
@@ -419,7 +424,7 @@ def main():
     for which, index in (("train", 0), ("sample", 1)):
         med = time_alternating({name: fns[index] for name, fns in impls.items()}, a.rounds, sync=sync)
         row = {"bench": "step", "preset": a.preset, "batch": a.batch, "device": a.device, "step": which,
-               "params": impls["tinyddpm"][2], "rounds": a.rounds}
+               "tf32": a.tf32, "params": impls["tinyddpm"][2], "rounds": a.rounds}
         for name in impls:
             row[f"{name}_s"] = med[name]
             if not a.no_memory:
@@ -449,7 +454,10 @@ def main():
                      ("torch_step_rss_mb", "rise MB", "{:.0f}"),
                      ("peak_rss_ratio", "peak ratio", "{:.2f}")]
         if a.device == "cuda":
-            cols += [("tinyddpm_device_peak_mb", "tinyddpm GPU MB", "{:.0f}")]
+            cols += [("tinyddpm_device_peak_mb", "tinyddpm GPU pool MB", "{:.0f}")]
+            if torch:
+                cols += [("torch_device_reserved_mb", "torch GPU reserved MB", "{:.0f}"),
+                         ("torch_device_peak_mb", "allocated MB", "{:.0f}")]
     print_table(rows, cols)
 
     if a.profile:
@@ -458,7 +466,7 @@ def main():
             emit_json({"bench": "step-profile", "step": which, "preset": a.preset, "batch": a.batch,
                        "step_ms": step_ms, "ops": prof})
             extra = ""
-            if a.device == "cuda":
+            if a.device == "cuda" and which == "sample":
                 host_ms, device_ms = host_and_device_ms(impls["tinyddpm"][index], a.rounds)
                 emit_json({"bench": "step-host-device", "step": which, "preset": a.preset, "batch": a.batch,
                            "host_ms": host_ms, "device_ms": device_ms})
