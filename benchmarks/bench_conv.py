@@ -10,7 +10,9 @@ PyTorch runs alternately, round by round. Without --preset the shapes are
 the fixed list below; with it, the distinct convolutions of one forward
 pass of that preset's UNet, each with how often it occurs, and a last row
 with the sums weighted by those counts (a step's convolutions, forward and
-backward). Prints one JSON line per configuration, then a table.
+backward; every one computes dL/dx here, which a training step skips for
+the first, whose input is the image). Prints one JSON line per
+configuration, then a table.
 """
 import argparse
 import os
@@ -109,6 +111,8 @@ def main():
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--tf32", action="store_true", help="cuda: TF32 tensor cores for both (as bench_step.py)")
     a = p.parse_args()
+    if a.tf32 and a.device != "cuda":
+        sys.exit("--tf32 applies to --device cuda only")
     set_threads(a.threads)
     torch = None if a.no_torch else torch_or_none(a.threads)
     syncs = []
