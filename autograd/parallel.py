@@ -150,42 +150,42 @@ def parallel_for(n, body, device="cpu"):
     Each i runs exactly once; bodies must write disjoint outputs. An exception in
     any body is raised here once every chunk that had started has stopped.
     """
+    if device == "cpu":
+        if not _host_memory_asked:
+            _keep_host_memory()
+        _hold_blas()
+        if min(n, num_threads()) > 1 and _busy.acquire(blocking=False):
+            try:
+                # Read again under the lock: set_num_threads (which takes it too)
+                # may have changed the count since the line above.
+                threads = min(n, num_threads())
+                if threads > 1:
+                    return _run_on_pool(n, body, threads)
+            finally:
+                _busy.release()
+    # One thread, another device, or a loop inside a loop (the lock is taken): in order.
+    for i in range(n):
+        body(i, 0)
+
+
+def _run_on_pool(n, body, threads):
+    """parallel_for on `threads` threads: the caller and threads - 1 of the pool's.
+    The caller holds _busy."""
     global _pool
-    if device != "cpu":
-        for i in range(n):
-            body(i, 0)
-        return
-    if not _host_memory_asked:
-        _keep_host_memory()
-    _hold_blas()
-    if min(n, num_threads()) <= 1 or not _busy.acquire(blocking=False):
-        for i in range(n):
-            body(i, 0)
-        return
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=num_threads() - 1, thread_name_prefix="autograd")
+    loop = _Loop(n, body)
     try:
-        # Read again under the lock: set_num_threads (which takes it too) may
-        # have changed the count since the line above.
-        threads = min(n, num_threads())
-        if threads <= 1:
-            for i in range(n):
-                body(i, 0)
-            return
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=num_threads() - 1, thread_name_prefix="autograd")
-        loop = _Loop(n, body)
-        try:
-            for w in range(1, threads):
-                try:
-                    _pool.submit(loop.run, w)
-                except RuntimeError:       # the interpreter is shutting down: no new threads
-                    break
-            loop.work(0)                   # the caller: not counted (finish() follows it anyway)
-        finally:
-            loop.finish()                  # no chunk starts after this; those running end first
-        if loop.errors:
-            raise loop.errors[0]
+        for w in range(1, threads):
+            try:
+                _pool.submit(loop.run, w)
+            except RuntimeError:       # the interpreter is shutting down: no new threads
+                break
+        loop.work(0)                   # the caller: not counted (finish() follows it anyway)
     finally:
-        _busy.release()
+        loop.finish()                  # no chunk starts after this; those running end first
+    if loop.errors:
+        raise loop.errors[0]
 
 
 class _Loop:
