@@ -211,6 +211,7 @@ CONV_CASES = [
     ((9, 12, 28, 28), (5, 12, 3, 3), 1, 1, True),    # shifted-output path (C_in >= 2 C_out, 28x28)
     ((9, 4, 13, 11), (6, 4, 3, 3), 2, 1, False),     # stride 2: strided adds for dL/dx
     ((9, 5, 9, 9), (3, 5, 3, 3), 2, 1, True),        # stride 2 with a bias (its row of ones)
+    ((9, 3, 11, 10), (4, 3, 3, 2), 3, 1, False),     # stride 3, non-square: phases of 1 or 0 taps
     ((9, 6, 7, 7), (5, 6, 1, 1), 1, 0, True),        # 1x1: a matrix product per image
     ((9, 3, 8, 8), (4, 3, 3, 3), 1, 0, False),       # no padding
     ((9, 4, 10, 9), (5, 4, 3, 2), 1, 1, True),       # non-square kernel: dL/dx by strided adds
