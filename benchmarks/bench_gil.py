@@ -27,8 +27,8 @@ the kernel's CPU time per call (`time.thread_time`: time spent waiting for
 the GIL is not in it), its wall time per call (which is), and how many
 times per call its thread slept (found the GIL taken and waited to be
 woken). A neighbour that stops while the kernel is timed ends the run with
-an error rather than passing for "none". A
-parallel loop's chunks take more CPU time on two threads than on one
+an error rather than passing for "none". A parallel loop's chunks take
+more CPU time on two threads than on one
 (bench_scaling.py --chunks); this separates what the threads share: the GIL
 (`tiny`, `same`), the machine's caches, memory and host (`matmul`, `copy`,
 `process`). docs/performance.md, "Sixth round", has the figures.
@@ -83,7 +83,7 @@ def make_neighbours(kernel, batch):
             "same": make_kernel(kernel, batch, seed=2)}
 
 
-def cpu_per_call(run, calls):
+def per_call(run, calls):
     """(CPU seconds, wall seconds, sleeps) per call of run() on this thread, each
     the median of `calls` calls.
 
@@ -103,25 +103,34 @@ def cpu_per_call(run, calls):
 
 
 def beside(neighbour, run, calls, cpu=None, name="?"):
-    """run()'s CPU time per call on this thread while `neighbour` (called `name`)
-    loops on another (on CPU `cpu` when given)."""
+    """per_call(run, calls) on this thread while `neighbour` (called `name`) loops
+    elsewhere (on CPU `cpu` when given): nothing (None), a command line (another
+    process) or a function (another thread)."""
     if neighbour is None:
-        return cpu_per_call(run, calls)
-    if isinstance(neighbour, list):     # a command: the neighbour is another process
-        pin = [] if cpu is None else ["--cpu", str(cpu)]
-        child = subprocess.Popen(neighbour + pin, stdout=subprocess.DEVNULL)
-        try:
-            time.sleep(2.0)             # started, imported and looping before the first timed call
-            if child.poll() is not None:
-                sys.exit(f"the neighbour process {name} stopped (exit code {child.returncode})")
-            measured = cpu_per_call(run, calls)
-            if child.poll() is not None:   # it must have run all along, not only at the start
-                sys.exit(f"the neighbour process {name} stopped while the kernel was timed "
-                         f"(exit code {child.returncode})")
-            return measured
-        finally:
-            child.kill()
-            child.wait()
+        return per_call(run, calls)
+    if isinstance(neighbour, list):
+        return beside_process(neighbour, run, calls, cpu, name)
+    return beside_thread(neighbour, run, calls, cpu, name)
+
+
+def beside_process(command, run, calls, cpu, name):
+    pin = [] if cpu is None else ["--cpu", str(cpu)]
+    child = subprocess.Popen(command + pin, stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(2.0)                 # started, imported and looping before the first timed call
+        if child.poll() is not None:
+            sys.exit(f"the neighbour process {name} stopped (exit code {child.returncode})")
+        measured = per_call(run, calls)
+        if child.poll() is not None:    # it must have run all along, not only at the start
+            sys.exit(f"the neighbour process {name} stopped while the kernel was timed "
+                     f"(exit code {child.returncode})")
+        return measured
+    finally:
+        child.kill()
+        child.wait()
+
+
+def beside_thread(neighbour, run, calls, cpu, name):
     stop = threading.Event()
     started, finished = [0], [0]       # the neighbour's units of work begun and ended so far
     failed = []
@@ -141,7 +150,7 @@ def beside(neighbour, run, calls, cpu=None, name="?"):
     time.sleep(0.02)                   # the neighbour is running before the first timed call
     try:
         done_before = finished[0]
-        measured = cpu_per_call(run, calls)
+        measured = per_call(run, calls)
         # Some unit of the neighbour's work must overlap the timed calls: one
         # begun before their end and not ended before their start (a unit may
         # well be longer than all the timed calls together).
