@@ -31,7 +31,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import emit_json, machine_header, set_threads  # noqa: E402
+from common import emit_json, machine_header, quartiles, set_threads  # noqa: E402
 
 
 def load_old_module(commit, path):
@@ -49,11 +49,6 @@ def load_old_module(commit, path):
     module.__file__ = f"<{commit}:{path}>"
     exec(compile(source, module.__file__, "exec"), module.__dict__)
     return module
-
-
-def quartiles(values):
-    q = statistics.quantiles(values, n=4)
-    return q[0], statistics.median(values), q[2]
 
 
 def main():

@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -33,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from common import emit_json, set_threads, machine_header, print_table, time_alternating, torch_or_none  # noqa: E402
+from common import emit_json, set_threads, machine_header, print_table, quartiles, time_rounds, torch_or_none  # noqa: E402
 
 import autograd  # noqa: E402
 from autograd import backend  # noqa: E402
@@ -422,7 +423,8 @@ def main():
 
     rows = []
     for which, index in (("train", 0), ("sample", 1)):
-        med = time_alternating({name: fns[index] for name, fns in impls.items()}, a.rounds, sync=sync)
+        times = time_rounds({name: fns[index] for name, fns in impls.items()}, a.rounds, sync=sync)
+        med = {name: statistics.median(ts) for name, ts in times.items()}
         row = {"bench": "step", "preset": a.preset, "batch": a.batch, "device": a.device, "step": which,
                "tf32": a.tf32, "params": impls["tinyddpm"][2], "rounds": a.rounds}
         for name in impls:
@@ -433,6 +435,11 @@ def main():
         if torch:
             row["torch_params"] = impls["torch"][2]
             row["ratio"] = row["tinyddpm_s"] / row["torch_s"]
+            # The two ran side by side in each round, so a round's ratio is the
+            # steadier figure when the machine's speed drifts between rounds.
+            q1, q2, q3 = quartiles([t / u for t, u in zip(times["tinyddpm"], times["torch"])])
+            row.update(ratio_per_round=q2, ratio_q1=q1, ratio_q3=q3,
+                       ratio_iqr=f"{q1:.2f}-{q3:.2f}")
             if not a.no_memory:
                 row["peak_rss_ratio"] = row["tinyddpm_peak_rss_mb"] / row["torch_peak_rss_mb"]
                 row["step_rss_ratio"] = row["tinyddpm_step_rss_mb"] / row["torch_step_rss_mb"]
@@ -445,7 +452,8 @@ def main():
           f"tinyddpm: {a.threads} threads; torch: {header['torch']} ({a.threads} threads)")
     cols = [("step", "step", "{}"), ("tinyddpm_s", "tinyddpm s", "{:.3f}")]
     if torch:
-        cols += [("torch_s", "torch s", "{:.3f}"), ("ratio", "ratio", "{:.2f}")]
+        cols += [("torch_s", "torch s", "{:.3f}"), ("ratio", "ratio", "{:.2f}"),
+                 ("ratio_per_round", "per round", "{:.2f}"), ("ratio_iqr", "quartiles", "{}")]
     if not a.no_memory:
         cols += [("tinyddpm_peak_rss_mb", "tinyddpm peak RSS MB", "{:.0f}"),
                  ("tinyddpm_step_rss_mb", "rise MB", "{:.0f}")]

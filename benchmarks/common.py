@@ -12,7 +12,7 @@ Run benchmarks with the BLAS the library would pick by itself:
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_conv.py
 
 (this machine pins OpenBLAS to its Haswell kernel, which halves matmul speed
-on a Zen 5 core). The header line says which kernel actually ran.
+on these AVX-512 cores). The header line says which kernel actually ran.
 """
 import json
 import os
@@ -89,25 +89,42 @@ def time_alternating(fns, rounds, warmup=2, sync=None, pause=0.05):
     """Median seconds of each function in `fns` (a dict name -> callable).
 
     Every round runs each function once, in turn, so that drifts of the
-    machine's speed fall on all of them alike. `sync` (optional) is called
-    before each clock read, for asynchronous devices. A short untimed `pause`
-    before each call lets the thread pool of the previous one (OpenMP's,
-    OpenBLAS's) stop spinning, so it does not steal cores from the next.
+    machine's speed fall on all of them alike; every other round in the
+    reverse order, so that none always runs right after the same one. `sync`
+    (optional) is called before each clock read, for asynchronous devices. A
+    short untimed `pause` before each call lets the thread pool of the
+    previous one (OpenMP's, OpenBLAS's) stop spinning, so it does not steal
+    cores from the next. `time_rounds` gives every round's times instead.
     """
+    times = time_rounds(fns, rounds, warmup, sync, pause)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def time_rounds(fns, rounds, warmup=2, sync=None, pause=0.05):
+    """{name: [seconds of round 0, 1, ...]}, timed as time_alternating says."""
     sync = sync or (lambda: None)
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     sync()
     times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
             time.sleep(pause)
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             sync()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def quartiles(values):
+    """(first quartile, median, third quartile) of a list (the median alone for one value)."""
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q = statistics.quantiles(values, n=4)
+    return q[0], statistics.median(values), q[2]
 
 
 def emit_json(record):
