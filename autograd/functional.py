@@ -12,7 +12,7 @@ from . import backend
 from .kernels import attention as attn_k
 from .kernels import conv as conv_k
 from .kernels import norm as norm_k
-from .tensor import Function, Tensor, is_grad_enabled
+from .tensor import Function, Tensor, is_grad_enabled, unbroadcast
 
 
 def _as_tensor(x):
@@ -194,23 +194,37 @@ def linear(x, w, b=None):
 # =============================================================================
 
 class Conv2d(Function):
-    def __init__(self, stride, padding):
-        self.stride, self.padding = stride, padding
+    """y = conv(x, w) + b + add, the last two optional: inputs (x, w[, b][, add])."""
 
-    def forward(self, x, w, b=None):
+    def __init__(self, stride, padding, has_bias=False, has_add=False):
+        self.stride, self.padding = stride, padding
+        self.has_bias, self.has_add = has_bias, has_add
+
+    def forward(self, x, w, *rest):
+        b = rest[0] if self.has_bias else None
+        add = rest[-1] if self.has_add else None
         self.x, self.w = x, w
-        return conv_k.conv2d_forward(x, w, self.stride, self.padding, bias=b)
+        self.add_shape = None if add is None else add.shape
+        return conv_k.conv2d_forward(x, w, self.stride, self.padding, bias=b, add=add)
 
     def backward(self, grad):
         need = self.needs_input_grad
         dx, dw, db = conv_k.conv2d_backward(grad, self.x, self.w, self.stride, self.padding,
                                             need_x=need[0], need_w=need[1],
-                                            need_b=len(need) == 3 and need[2])
-        return (dx, dw) if len(need) == 2 else (dx, dw, db)
+                                            need_b=self.has_bias and need[2])
+        grads = (dx, dw) + ((db,) if self.has_bias else ())
+        if self.has_add:            # an addition passes dL/dy on, summed over any broadcast axes
+            grads += (unbroadcast(grad, self.add_shape) if need[-1] else None,)
+        return grads
 
 
-def conv2d(x, w, b=None, stride=1, padding=0):
-    """2-D cross-correlation, NCHW, weight (C_out, C_in, kH, kW), as PyTorch's conv2d."""
+def conv2d(x, w, b=None, stride=1, padding=0, add=None):
+    """2-D cross-correlation, NCHW, weight (C_out, C_in, kH, kW), as PyTorch's conv2d.
+
+    `add` (optional, broadcasting to the output's shape) is added to the
+    output as it is written: conv2d(x, w, b, add=r) equals conv2d(x, w, b) + r
+    without a pass of its own over memory.
+    """
     x, w = _as_tensor(x), _as_tensor(w)
     if x.ndim != 4 or w.ndim != 4:
         raise ValueError(f"conv2d: expected input (B, C, H, W) and weight (C_out, C_in, kH, kW), "
@@ -226,9 +240,20 @@ def conv2d(x, w, b=None, stride=1, padding=0):
                          f"({H}, {W}) of {_shape(x)}")
     if b is not None and _shape(b) != (w.shape[0],):
         raise ValueError(f"conv2d: bias {_shape(b)} does not fit weight {_shape(w)}")
-    _check_float_dtypes("conv2d", x, w, b)
-    fn = Conv2d(int(stride), int(padding))
-    return fn(x, w) if b is None else fn(x, w, _as_tensor(b))
+    if add is not None:
+        add = _as_tensor(add)
+        out = (x.shape[0], w.shape[0], conv_k.output_size(x.shape[2], w.shape[2], stride, padding),
+               conv_k.output_size(x.shape[3], w.shape[3], stride, padding))
+        try:
+            fits = np.broadcast_shapes(_shape(add), out) == out
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(f"conv2d: add {_shape(add)} does not broadcast to the output {out}")
+    _check_float_dtypes("conv2d", x, w, b, add)
+    fn = Conv2d(int(stride), int(padding), has_bias=b is not None, has_add=add is not None)
+    inputs = (x, w) + (() if b is None else (_as_tensor(b),)) + (() if add is None else (add,))
+    return fn(*inputs)
 
 
 class UpsampleNearest2d(Function):

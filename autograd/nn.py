@@ -169,8 +169,9 @@ class Conv2d(Module):
         self.weight = Parameter(_uniform(rng, bound, (out_channels, in_channels, kernel_size, kernel_size), dtype))
         self.bias = Parameter(_uniform(rng, bound, (out_channels,), dtype)) if bias else None
 
-    def forward(self, x):
-        return F.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding)
+    def forward(self, x, add=None):
+        """conv(x) + bias, plus `add` if given (F.conv2d: added as the output is written)."""
+        return F.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding, add=add)
 
 
 class GroupNorm(Module):

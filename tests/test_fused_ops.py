@@ -134,3 +134,81 @@ def test_output_side_conv_matches_reference(x_shape, w_shape, monkeypatch):
 ])
 def test_output_side_conv_adjoint_gradient_check(c):
     check_gradient(c, mode="adjoint")
+
+
+# =============================================================================
+# Convolution plus an addition (F.conv2d(..., add=r): the UNet's time-embedding
+# shift and residual connections, added as the convolution writes its output)
+# =============================================================================
+
+def conv2d_add_np(x, w, b, r, stride=1, padding=0):
+    """The same, from the loop-over-offsets oracle and a NumPy addition."""
+    return conv_k.conv2d_reference(x, w, stride, padding) + b.reshape(1, -1, 1, 1) + r
+
+
+# Every forward path of conv2d_forward (3x3 by im2col, at stride 2, output side,
+# 1x1), each with an addend of the output's full shape and one per (example, channel).
+CONV_ADD = [
+    case("conv2d 3x3 + full", lambda x, w, b, r: F.conv2d(x, w, b, padding=1, add=r),
+         lambda x, w, b, r: conv2d_add_np(x, w, b, r, 1, 1), (3, 4, 5, 5), (6, 4, 3, 3), (6,), (3, 6, 5, 5)),
+    case("conv2d 3x3 + per channel", lambda x, w, b, r: F.conv2d(x, w, b, padding=1, add=r),
+         lambda x, w, b, r: conv2d_add_np(x, w, b, r, 1, 1), (3, 4, 5, 5), (6, 4, 3, 3), (6,), (3, 6, 1, 1)),
+    case("conv2d 3x3 stride 2 + shared", lambda x, w, b, r: F.conv2d(x, w, b, stride=2, padding=1, add=r),
+         lambda x, w, b, r: conv2d_add_np(x, w, b, r, 2, 1), (2, 3, 7, 6), (4, 3, 3, 3), (4,), (4, 1, 1)),
+    case("conv2d 1x1 + full", lambda x, w, b, r: F.conv2d(x, w, b, add=r),
+         lambda x, w, b, r: conv2d_add_np(x, w, b, r), (2, 6, 4, 3), (5, 6, 1, 1), (5,), (2, 5, 4, 3)),
+    case("conv2d 1x1 + per channel", lambda x, w, b, r: F.conv2d(x, w, b, add=r),
+         lambda x, w, b, r: conv2d_add_np(x, w, b, r), (2, 6, 4, 3), (5, 6, 1, 1), (5,), (2, 5, 1, 1)),
+]
+CONV_ADD_REALISTIC = [
+    case("conv2d 96->32 @28 output side + full", lambda x, w, b, r: F.conv2d(x, w, b, padding=1, add=r),
+         lambda x, w, b, r: conv2d_add_np(x, w, b, r, 1, 1), (2, 96, 28, 28), (32, 96, 3, 3), (32,),
+         (2, 32, 28, 28)),
+    case("conv2d 32->32 @28 + per channel", lambda x, w, b, r: F.conv2d(x, w, b, padding=1, add=r),
+         lambda x, w, b, r: conv2d_add_np(x, w, b, r, 1, 1), (3, 32, 28, 28), (32, 32, 3, 3), (32,),
+         (3, 32, 1, 1)),
+]
+
+
+@pytest.mark.parametrize("c", CONV_ADD + CONV_ADD_REALISTIC)
+def test_conv2d_add_forward_matches_numpy(c):
+    check_forward(c)
+
+
+@pytest.mark.parametrize("c", CONV_ADD)
+def test_conv2d_add_gradient_matches_finite_differences(c):
+    check_gradient(c, mode="elements")
+
+
+@pytest.mark.parametrize("c", CONV_ADD_REALISTIC)
+def test_conv2d_add_adjoint_gradient_check_at_unet_size(c):
+    check_gradient(c, mode="adjoint")
+
+
+@pytest.mark.parametrize("c", CONV_ADD)
+def test_conv2d_add_float32_in_float32_out(c):
+    check_float32(c)
+
+
+@pytest.mark.parametrize("k, stride, c_in", [(3, 1, 4), (3, 2, 4), (1, 1, 4), (3, 1, 16)])
+def test_conv2d_add_in_chunks_equals_conv_then_add(k, stride, c_in, monkeypatch):
+    """One image per chunk (each chunk adds its own slice of r) changes nothing;
+    c_in 16 -> 4 at 28x28 takes the output-side path."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((5, c_in, 28, 28))
+    w = rng.standard_normal((4, c_in, k, k))
+    b = rng.standard_normal(4)
+    monkeypatch.setitem(conv_k._CHUNK_BYTES, "cpu", 1)
+    y = conv_k.conv2d_forward(x, w, stride, k // 2, bias=b)
+    for r in (rng.standard_normal(y.shape), rng.standard_normal((5, 4, 1, 1))):
+        np.testing.assert_array_equal(conv_k.conv2d_forward(x, w, stride, k // 2, bias=b, add=r), y + r)
+
+
+def test_conv2d_add_of_the_wrong_shape_or_dtype_is_refused():
+    x, w = np.zeros((2, 3, 5, 5)), np.zeros((4, 3, 3, 3))
+    with pytest.raises(ValueError, match=r"add \(2, 3, 5, 5\) does not broadcast to the output \(2, 4, 5, 5\)"):
+        F.conv2d(x, w, padding=1, add=np.zeros((2, 3, 5, 5)))
+    with pytest.raises(ValueError, match=r"add \(2, 4, 5, 5\) does not broadcast to the output \(2, 4, 3, 3\)"):
+        F.conv2d(x, w, add=np.zeros((2, 4, 5, 5)))
+    with pytest.raises(TypeError, match="different dtypes"):
+        F.conv2d(x, w, padding=1, add=np.zeros((2, 4, 1, 1), dtype=np.float32))

@@ -53,10 +53,14 @@ class ResBlock(nn.Module):
     def forward(self, x, temb):
         B, C, H, W = x.shape
         n1, n2 = self.norm1, self.norm2
-        h = self.conv1(F.group_norm_silu(x, n1.num_groups, n1.weight, n1.bias, n1.eps))
-        h = h + self.temb_proj(F.silu(temb)).reshape(B, -1, 1, 1)      # same shift at every pixel
-        h = self.conv2(self.dropout(F.group_norm_silu(h, n2.num_groups, n2.weight, n2.bias, n2.eps)))
-        return (x if self.skip is None else self.skip(x)) + h
+        # Both additions (the time embedding, the same shift at every pixel, and
+        # the skip connection) are made by the convolution before them, as it
+        # writes its output: conv(h, add=r) is conv(h) + r in one pass.
+        shift = self.temb_proj(F.silu(temb)).reshape(B, -1, 1, 1)
+        h = self.conv1(F.group_norm_silu(x, n1.num_groups, n1.weight, n1.bias, n1.eps), add=shift)
+        skip = x if self.skip is None else self.skip(x)
+        return self.conv2(self.dropout(F.group_norm_silu(h, n2.num_groups, n2.weight, n2.bias, n2.eps)),
+                          add=skip)
 
 
 class AttnBlock(nn.Module):

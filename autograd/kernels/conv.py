@@ -138,17 +138,25 @@ def _n_runs(n_chunks):
     return min(n_chunks, _SUMS)
 
 
-def conv2d_forward(x, w, stride=1, padding=0, bias=None):
-    """x (B, C, H, W), w (O, C, kh, kw), bias (O,) or None -> y (B, O, Ho, Wo)."""
+def conv2d_forward(x, w, stride=1, padding=0, bias=None, add=None):
+    """x (B, C, H, W), w (O, C, kh, kw), bias (O,) or None -> y (B, O, Ho, Wo).
+
+    With `add` (an array that broadcasts to y's shape), y = conv(x) + add: the
+    addition is made while each chunk's output is written, in cache and on
+    the thread pool, instead of in a pass of its own over y (the UNet's
+    time-embedding shift and its residual connections).
+    """
     xp = get_array_module(x, w)
     B, C, H, W = x.shape
     O, _, kh, kw = w.shape
     Ho, Wo = output_size(H, kh, stride, padding), output_size(W, kw, stride, padding)
     b_col = None if bias is None else bias.reshape(O, 1, 1, 1)
+    if add is not None:
+        add = xp.broadcast_to(add, (B, O, Ho, Wo))                      # a view: sliced per chunk
     if kh == kw == 1 and stride == 1 and padding == 0:
-        return _conv1x1_forward(x, w, b_col)
+        return _conv1x1_forward(x, w, b_col, add)
     if stride == 1 and _output_side(x, O, Ho * Wo):
-        return _conv2d_forward_output_side(x, w, padding, b_col)
+        return _conv2d_forward_output_side(x, w, padding, b_col, add)
     K = C * kh * kw
     w2 = w.reshape(O, K)
     if bias is not None:
@@ -164,10 +172,18 @@ def conv2d_forward(x, w, stride=1, padding=0, bias=None):
         b0 = i * nb
         n = min(nb, B - b0)
         yc = xp.matmul(w2, im2col(b0, n, worker)).reshape(O, n, Ho, row)
-        y[b0:b0 + n] = yc[:, :, :, :Wo].transpose(1, 0, 2, 3)
+        _write(y, b0, n, yc[:, :, :, :Wo].transpose(1, 0, 2, 3), add)
 
     parallel_for(-(-B // nb), chunk, backend.device_of(x))
     return y
+
+
+def _write(y, b0, n, chunk, add):
+    """y[b0:b0+n] = chunk (+ add[b0:b0+n]), in one pass."""
+    if add is None:
+        y[b0:b0 + n] = chunk
+    else:
+        get_array_module(y).add(chunk, add[b0:b0 + n], out=y[b0:b0 + n])
 
 
 def _output_side(x, O, out_pixels):
@@ -175,7 +191,7 @@ def _output_side(x, O, out_pixels):
     return x.shape[1] >= 2 * O and out_pixels >= 28 * 28 and backend.device_of(x) == "cpu"
 
 
-def _conv1x1_forward(x, w, b_col=None):
+def _conv1x1_forward(x, w, b_col=None, add=None):
     """A 1x1 convolution is a matrix product over the channel axis, image by image."""
     xp = get_array_module(x, w)
     B, C, H, W = x.shape
@@ -188,6 +204,9 @@ def _conv1x1_forward(x, w, b_col=None):
         yc = xp.matmul(w2, x3[i * nb:(i + 1) * nb], out=y[i * nb:(i + 1) * nb])
         if b_col is not None:
             yc += b_col.reshape(O, 1)
+        if add is not None:                                             # while yc is in cache
+            yc4 = yc.reshape(-1, O, H, W)
+            yc4 += add[i * nb:(i + 1) * nb]
 
     parallel_for(-(-B // nb), chunk, backend.device_of(x))
     return y.reshape(B, O, H, W)
@@ -220,7 +239,7 @@ def _conv1x1_backward(grad, x, w, need_x, need_w, need_b):
             db_parts.sum(axis=0) if need_b else None)
 
 
-def _conv2d_forward_output_side(x, w, padding, b_col=None):
+def _conv2d_forward_output_side(x, w, padding, b_col=None, add=None):
     """Stride 1 without im2col: all kh*kw weight slices times the padded input
     in one product, then the kh*kw shifted outputs added up.
 
@@ -265,7 +284,7 @@ def _conv2d_forward_output_side(x, w, padding, b_col=None):
                     off = u * R + v
                     acc += z[u, v, :, :, off:off + Ho * R]
         acc = acc.reshape(O, n, Ho, R)
-        y[b0:b0 + n] = acc[:, :, :, :Wo].transpose(1, 0, 2, 3)
+        _write(y, b0, n, acc[:, :, :, :Wo].transpose(1, 0, 2, 3), add)
 
     parallel_for(-(-B // nb), chunk, backend.device_of(x))
     return y
