@@ -31,7 +31,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import emit_json, machine_header, quartiles, set_threads  # noqa: E402
+from common import ab_arguments, emit_json, machine_header, quartiles, set_threads  # noqa: E402
 
 
 def load_old_module(commit, path):
@@ -56,11 +56,7 @@ def main():
     p.add_argument("--commit", required=True, help="the 'old' commit, e.g. HEAD~1")
     p.add_argument("--module", required=True, help="file of the module to switch, e.g. autograd/kernels/conv.py")
     p.add_argument("--names", required=True, nargs="+", help="functions of that module to switch")
-    p.add_argument("--preset", default="mnist-tiny")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--step", default="train", choices=("train", "sample"))
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--threads", type=int, default=2)
+    ab_arguments(p)
     a = p.parse_args()
     set_threads(a.threads)
 

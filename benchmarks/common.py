@@ -127,6 +127,15 @@ def quartiles(values):
     return q[0], statistics.median(values), q[2]
 
 
+def ab_arguments(parser):
+    """The options ab_step.py and ab_tree.py share: which step, how many rounds, on how many threads."""
+    parser.add_argument("--preset", default="mnist-tiny")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--step", default="train", choices=("train", "sample"))
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2)
+
+
 def emit_json(record):
     print(json.dumps(record), flush=True)
 
