@@ -62,10 +62,10 @@ def preset_configs(preset):
     seen = {}
     original = F.conv2d
 
-    def record(x, w, b=None, stride=1, padding=0):
+    def record(x, w, b=None, stride=1, padding=0, **rest):
         key = (x.shape[1], w.shape[0], x.shape[2], w.shape[2], stride)
         seen[key] = seen.get(key, 0) + 1
-        return original(x, w, b, stride=stride, padding=padding)
+        return original(x, w, b, stride=stride, padding=padding, **rest)
 
     F.conv2d = record
     try:
