@@ -148,6 +148,7 @@ CASES = [
     conv("4x4 pad 1 on 6x6", (2, 2, 6, 6), (3, 2, 4, 4), padding=1),
     conv("2x2 pad 0 on 5x4", (2, 2, 5, 4), (3, 2, 2, 2)),
     conv("1x1 pad 1 on 4x5", (2, 3, 4, 5), (2, 3, 1, 1), padding=1),
+    conv("1x5 pad 2 on 6x1", (2, 2, 6, 1), (3, 2, 1, 5), padding=2),
     group_norm("1 group", (2, 4, 3, 3), 1),
     group_norm("2 groups", (2, 4, 3, 3), 2),
     group_norm("C groups", (2, 4, 3, 3), 4),

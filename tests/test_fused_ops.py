@@ -114,18 +114,21 @@ def test_group_norm_silu_chunks_agree_with_one_chunk(monkeypatch):
 # Convolution by shifted outputs (kernels/conv.py, used where C_in >= 2 C_out at 28x28)
 # =============================================================================
 
-@pytest.mark.parametrize("x_shape, w_shape", [
-    ((2, 96, 28, 28), (32, 96, 3, 3)),       # up path, 96 -> 32
-    ((2, 32, 28, 28), (1, 32, 3, 3)),        # conv_out
-    ((2, 6, 29, 30), (3, 6, 3, 3)),          # odd, non-square map (chunk of one image below)
+@pytest.mark.parametrize("x_shape, w_shape, padding", [
+    ((2, 96, 28, 28), (32, 96, 3, 3), 1),    # up path, 96 -> 32
+    ((2, 32, 28, 28), (1, 32, 3, 3), 1),     # conv_out
+    ((2, 6, 29, 30), (3, 6, 3, 3), 1),       # odd, non-square map (chunk of one image below)
+    ((2, 2, 6, 1), (1, 2, 1, 5), 2),         # a kernel wider than the padded row minus one (_row)
 ])
-def test_output_side_conv_matches_reference(x_shape, w_shape, monkeypatch):
+def test_output_side_conv_matches_reference(x_shape, w_shape, padding, monkeypatch):
     rng = np.random.default_rng(0)
     x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
-    expected = conv_k.conv2d_reference(x, w, 1, 1)
-    np.testing.assert_allclose(conv_k._conv2d_forward_output_side(x, w, 1), expected, rtol=1e-10, atol=1e-10)
+    expected = conv_k.conv2d_reference(x, w, 1, padding)
+    got = conv_k._conv2d_forward_output_side(x, w, padding)
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
     monkeypatch.setitem(conv_k._CHUNK_BYTES, "cpu", 1)
-    np.testing.assert_allclose(conv_k._conv2d_forward_output_side(x, w, 1), expected, rtol=1e-10, atol=1e-10)
+    got = conv_k._conv2d_forward_output_side(x, w, padding)
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("c", [

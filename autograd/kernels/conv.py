@@ -21,8 +21,8 @@ How the fast version is laid out, and why (measured in benchmarks/bench_conv.py)
   R - Wo extra columns (patches that wrap into the next row) are dropped.
   The rows are padded on the left only: a patch hanging over the right edge
   of row i reads the left padding of row i + 1, which is zero too. For a
-  3x3 kernel that makes R = W + 1 instead of W + 2, half the wasted columns
-  (7x7 maps: 8 computed per 7 kept instead of 9).
+  3x3 kernel with padding 1 that makes R = W + 1 instead of W + 2, half the
+  wasted columns (7x7 maps: 8 computed per 7 kept instead of 9).
 - Images go through in chunks so the patch matrix stays in cache and the
   memory never holds it for the whole batch (about 9x the input).
 - When the backward needs both dL/dx and dL/dw (stride 1), both come from
@@ -104,14 +104,16 @@ def _im2col(x, kh, kw, stride, padding, Ho, Wo, nb, ones=False):
 
 
 def _row(W, kw, stride, padding, Wo):
-    """Length of a patch-matrix row per output row: for stride 1 the width of
+    """Length of a patch-matrix row per output row: for stride 1 the width R of
     the padded rows (flat runs, see _im2col), otherwise Wo."""
     if stride != 1:
         return Wo
-    # `padding` zeros on the left of each row; on its right only what the kernel
-    # reaches past the next row's left zeros (none for a "same" convolution),
-    # and enough for every output column to fit in the row.
-    return W + padding + max(0, kw - 1 - 2 * padding, padding - kw + 1)
+    # R >= W + padding: each row starts with `padding` zeros, and a kept output
+    # reads at most padded column W + 2 padding - 1, which is at worst among the
+    # next row's left zeros. R >= Wo: every kept output column fits in a row.
+    # R >= kw - 1: the last patch run, which starts kw - 1 into the spare zero
+    # row below the image, ends inside it.
+    return max(W + padding, Wo, kw - 1)
 
 
 def _chunk(B, rows_per_image, itemsize, x):
