@@ -240,6 +240,7 @@ def conv2d(x, w, b=None, stride=1, padding=0, add=None):
                          f"({H}, {W}) of {_shape(x)}")
     if b is not None and _shape(b) != (w.shape[0],):
         raise ValueError(f"conv2d: bias {_shape(b)} does not fit weight {_shape(w)}")
+    stride, padding = int(stride), int(padding)
     if add is not None:
         add = _as_tensor(add)
         out = (x.shape[0], w.shape[0], conv_k.output_size(x.shape[2], w.shape[2], stride, padding),
@@ -251,7 +252,7 @@ def conv2d(x, w, b=None, stride=1, padding=0, add=None):
         if not fits:
             raise ValueError(f"conv2d: add {_shape(add)} does not broadcast to the output {out}")
     _check_float_dtypes("conv2d", x, w, b, add)
-    fn = Conv2d(int(stride), int(padding), has_bias=b is not None, has_add=add is not None)
+    fn = Conv2d(stride, padding, has_bias=b is not None, has_add=add is not None)
     inputs = (x, w) + (() if b is None else (_as_tensor(b),)) + (() if add is None else (add,))
     return fn(*inputs)
 

@@ -207,6 +207,14 @@ def test_conv2d_add_in_chunks_equals_conv_then_add(k, stride, c_in, monkeypatch)
         np.testing.assert_array_equal(conv_k.conv2d_forward(x, w, stride, k // 2, bias=b, add=r), y + r)
 
 
+def test_conv2d_add_takes_stride_and_padding_as_conv2d_does():
+    """Whole numbers given as floats are accepted, with or without add."""
+    x, w = np.ones((2, 3, 5, 5)), np.ones((4, 3, 3, 3))
+    y = F.conv2d(x, w, stride=2.0, padding=1.0)
+    r = np.arange(4.0).reshape(1, 4, 1, 1)
+    np.testing.assert_array_equal(F.conv2d(x, w, stride=2.0, padding=1.0, add=r).numpy(), y.numpy() + r)
+
+
 def test_conv2d_add_of_the_wrong_shape_or_dtype_is_refused():
     x, w = np.zeros((2, 3, 5, 5)), np.zeros((4, 3, 3, 3))
     with pytest.raises(ValueError, match=r"add \(2, 3, 5, 5\) does not broadcast to the output \(2, 4, 5, 5\)"):
