@@ -41,16 +41,22 @@ def load_steps(root, preset, batch, step, threads):
     """The `step` function (train or sample) of the code under `root`, with its pool at `threads`."""
     for name in [n for n in sys.modules if n.split(".")[0] in PACKAGES]:
         del sys.modules[name]            # the other version's modules live on in their references
+    saved = list(sys.path)
     sys.path[:0] = [root, os.path.join(root, "benchmarks")]
     try:
-        importlib.import_module("common").set_threads(threads)
-        train, sample, _, _ = importlib.import_module("bench_step").tinyddpm_steps(preset, batch, "cpu")
-        for package in ("autograd", "tinyddpm"):
-            where = os.path.realpath(sys.modules[package].__file__)
-            if not where.startswith(os.path.realpath(root) + os.sep):
-                sys.exit(f"ab_tree: {package} was imported from {where}, not from {root}")
+        common = importlib.import_module("common")
+        bench_step = importlib.import_module("bench_step")
+        if not (hasattr(common, "set_threads") and hasattr(bench_step, "tinyddpm_steps")):
+            sys.exit(f"ab_tree: {root} predates benchmarks/common.set_threads and "
+                     "bench_step.tinyddpm_steps; pick a newer --commit")
+        common.set_threads(threads)
+        train, sample, _, _ = bench_step.tinyddpm_steps(preset, batch, "cpu")
     finally:
-        del sys.path[:2]
+        sys.path[:] = saved              # bench_step put its own folder first too
+    for name in PACKAGES:
+        where = os.path.realpath(sys.modules[name].__file__)
+        if not where.startswith(os.path.realpath(root) + os.sep):
+            sys.exit(f"ab_tree: {name} was imported from {where}, not from {root}")
     return train if step == "train" else sample
 
 
@@ -60,15 +66,15 @@ def main():
     ab_arguments(p)
     a = p.parse_args()
 
-    folder = tempfile.mkdtemp(prefix="ab_tree_")
-    before = os.path.join(folder, "before")
+    folder = before = None
     try:
-        subprocess.run(["git", "worktree", "add", "--detach", "-q", before, a.commit], cwd=ROOT,
-                       check=True, capture_output=True, text=True)
-    except subprocess.CalledProcessError as exc:
-        shutil.rmtree(folder, ignore_errors=True)
-        sys.exit(f"--commit: git worktree add {a.commit} failed: {exc.stderr.strip()}")
-    try:
+        folder = tempfile.mkdtemp(prefix="ab_tree_")
+        before = os.path.join(folder, "before")
+        try:
+            subprocess.run(["git", "worktree", "add", "--detach", "-q", before, a.commit], cwd=ROOT,
+                           check=True, capture_output=True, text=True)
+        except subprocess.CalledProcessError as exc:
+            sys.exit(f"--commit: git worktree add {a.commit} failed: {exc.stderr.strip()}")
         if not os.path.exists(os.path.join(before, "benchmarks", "bench_step.py")):
             sys.exit(f"--commit {a.commit}: it has no benchmarks/bench_step.py to build its steps")
         steps = {"before": load_steps(before, a.preset, a.batch, a.step, a.threads),
@@ -85,8 +91,14 @@ def main():
                 steps[name]()
                 times[name].append(time.perf_counter() - t0)
     finally:
-        subprocess.run(["git", "worktree", "remove", "--force", before], cwd=ROOT, capture_output=True)
-        shutil.rmtree(folder, ignore_errors=True)
+        if before and os.path.exists(before):
+            done = subprocess.run(["git", "worktree", "remove", "--force", before], cwd=ROOT,
+                                  capture_output=True, text=True)
+            if done.returncode:
+                print(f"ab_tree: could not remove the worktree {before} ({done.stderr.strip()}); "
+                      "`git worktree prune` cleans up after it", file=sys.stderr)
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
 
     ratios = [n / o for n, o in zip(times["after"], times["before"])]
     q1, med, q3 = quartiles(ratios)
