@@ -302,9 +302,10 @@ class GroupNormSiLU(Function):
 
     Same value and gradients as `silu(group_norm(x, ...))` (the tests' oracle),
     in fewer passes over memory, a few images at a time (`kernels/norm.py`).
-    Saves x, the output y, t = tanh(z / 2) of the normalized map z and the
-    (B, G) statistics: one full-size array besides x and y, where the pair
-    of ops saves two (the normalized map and its sigmoid).
+    Saves x, the output y, u = 1 + tanh(z / 2) = 2 sigmoid(z) of the
+    normalized map z and the (B, G) statistics: one full-size array besides
+    x and y, where the pair of ops saves two (the normalized map and its
+    sigmoid).
     """
 
     def __init__(self, num_groups, eps):
@@ -312,15 +313,15 @@ class GroupNormSiLU(Function):
 
     def forward(self, x, weight, bias):
         self.x, self.weight = x, weight
-        # t is only needed by backward; under no_grad (sampling) it is not kept.
-        y, self.mean, self.rstd, self.t = norm_k.group_norm_fused_forward(
-            x, self.num_groups, weight, bias, self.eps, silu=True, keep_t=is_grad_enabled())
+        # u is only needed by backward; under no_grad (sampling) it is not kept.
+        y, self.mean, self.rstd, self.u = norm_k.group_norm_fused_forward(
+            x, self.num_groups, weight, bias, self.eps, silu=True, keep_u=is_grad_enabled())
         self.y = y      # no op writes into its input, so the output can be kept as is
         return y
 
     def backward(self, grad):
         return norm_k.group_norm_fused_backward(grad, self.x, self.mean, self.rstd, self.num_groups,
-                                                self.weight, self.y, self.t)
+                                                self.weight, self.y, self.u)
 
 
 def _group_norm_args(op, x, num_groups, weight, bias):

@@ -64,7 +64,7 @@ def make_kernel(kind, batch, seed):
         return lambda: conv.conv2d_backward(dy, x, w, 1, 1, need_b=True)
     if kind == "norm":
         g, b = rng.standard_normal(32, dtype=np.float32), rng.standard_normal(32, dtype=np.float32)
-        return lambda: norm.group_norm_fused_forward(x, 8, g, b, 1e-5, silu=True, keep_t=False)
+        return lambda: norm.group_norm_fused_forward(x, 8, g, b, 1e-5, silu=True, keep_u=False)
     raise ValueError(f"--kernel: unknown {kind!r}; choose conv, conv-backward or norm")
 
 

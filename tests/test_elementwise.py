@@ -146,20 +146,20 @@ def test_group_norm_whole_batch_path_equals_the_chunked_cpu_kernel(silu, dtype, 
     grad = rng.standard_normal((B, C, H, H)).astype(dtype)
     eps = 1e-5
 
-    y, mean, rstd, t = norm.group_norm_fused_forward(x, G, w, b, eps, silu=silu)
-    dx, dw, db = norm.group_norm_fused_backward(grad, x, mean, rstd, G, w, y=y, t=t)
+    y, mean, rstd, u = norm.group_norm_fused_forward(x, G, w, b, eps, silu=silu)
+    dx, dw, db = norm.group_norm_fused_backward(grad, x, mean, rstd, G, w, y=y, u=u)
 
     x3, n_group = x.reshape(B, C, -1), dtype(H * H * C // G)
-    y2, mean2, rstd2, t2 = norm._forward_whole_batch(x3, G, w, b, eps, silu, n_group)
+    y2, mean2, rstd2, u2 = norm._forward_whole_batch(x3, G, w, b, eps, silu, n_group)
     scale = dtype(0.5) if silu else dtype(1)
     dx2, dw2, db2 = norm._backward_whole_batch(
         grad.reshape(B, C, -1), x3, mean2, rstd2, w.reshape(G, -1), scale, n_group,
-        y2 if silu else None, t2 if silu else None)
+        y2 if silu else None, u2 if silu else None)
 
     assert y2.dtype == dx2.dtype == dtype
-    assert (t2 is None) == (not silu)
+    assert (u2 is None) == (not silu)
     pairs = [(y2, y), (mean2, mean), (rstd2, rstd), (dx2, dx), (dw2, dw), (db2, db)]
-    for got, want in pairs + ([(t2, t)] if silu else []):
+    for got, want in pairs + ([(u2, u)] if silu else []):
         np.testing.assert_allclose(got.reshape(want.shape), want, rtol=tol, atol=tol)
 
 

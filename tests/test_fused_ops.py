@@ -101,8 +101,8 @@ def test_group_norm_silu_chunks_agree_with_one_chunk(monkeypatch):
     g = np.random.default_rng(1).standard_normal(x.shape)
 
     def run():
-        y, mean, rstd, t = norm_k.group_norm_fused_forward(x.data, 4, w.data, b.data, 1e-5, silu=True)
-        return (y,) + norm_k.group_norm_fused_backward(g, x.data, mean, rstd, 4, w.data, y, t)
+        y, mean, rstd, u = norm_k.group_norm_fused_forward(x.data, 4, w.data, b.data, 1e-5, silu=True)
+        return (y,) + norm_k.group_norm_fused_backward(g, x.data, mean, rstd, 4, w.data, y, u)
 
     one_chunk = run()
     monkeypatch.setitem(norm_k._CHUNK_BYTES, "cpu", 1)    # one image per chunk

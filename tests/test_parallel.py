@@ -308,8 +308,8 @@ def test_group_norm_kernels_agree_across_threads(silu, per_chunk, threads, monke
     g = rng.standard_normal(x.shape)
 
     def run():
-        y, mean, rstd, t = norm_k.group_norm_fused_forward(x, 4, w, b, 1e-5, silu=silu)
-        return (y, mean, rstd) + norm_k.group_norm_fused_backward(g, x, mean, rstd, 4, w, y, t)
+        y, mean, rstd, u = norm_k.group_norm_fused_forward(x, 4, w, b, 1e-5, silu=silu)
+        return (y, mean, rstd) + norm_k.group_norm_fused_backward(g, x, mean, rstd, 4, w, y, u)
 
     images_per_chunk(monkeypatch, per_chunk)
     threads(1)
@@ -331,9 +331,9 @@ def test_group_norm_kernels_agree_across_threads(silu, per_chunk, threads, monke
         dx_ref, dw_ref, db_ref = norm_k.group_norm_backward(dz, xhat, rstd, 4, w)
         for a, e in zip(one[3:], (dx_ref, dw_ref, db_ref)):
             np.testing.assert_allclose(a, e, rtol=1e-9, atol=1e-11)
-        # keep_t=False (sampling) on several threads: the same output
+        # keep_u=False (sampling) on several threads: the same output
         threads(3)
-        y2 = norm_k.group_norm_fused_forward(x, 4, w, b, 1e-5, silu=True, keep_t=False)[0]
+        y2 = norm_k.group_norm_fused_forward(x, 4, w, b, 1e-5, silu=True, keep_u=False)[0]
         np.testing.assert_array_equal(y2, one[0])
 
 
@@ -386,9 +386,9 @@ def test_group_norm_silu_without_keeping_t_gives_the_same_output(monkeypatch):
     x = rng.standard_normal((5, 8, 6, 6))
     w, b = rng.standard_normal(8), rng.standard_normal(8)
     monkeypatch.setitem(norm_k._CHUNK_BYTES, "cpu", 1)
-    y, mean, rstd, t = norm_k.group_norm_fused_forward(x, 4, w, b, 1e-5, silu=True)
-    y2, mean2, rstd2, t2 = norm_k.group_norm_fused_forward(x, 4, w, b, 1e-5, silu=True, keep_t=False)
-    assert t is not None and t2 is None
+    y, mean, rstd, u = norm_k.group_norm_fused_forward(x, 4, w, b, 1e-5, silu=True)
+    y2, mean2, rstd2, u2 = norm_k.group_norm_fused_forward(x, 4, w, b, 1e-5, silu=True, keep_u=False)
+    assert u is not None and u2 is None
     for a, e in ((y2, y), (mean2, mean), (rstd2, rstd)):
         np.testing.assert_array_equal(a, e)
 

@@ -108,17 +108,18 @@ def _statistics(sum_x, sum_xx, n_group, eps):
     return m, 1 / xp.sqrt(xp.maximum(var, f(0)) + f(eps))
 
 
-def group_norm_fused_forward(x, num_groups, weight, bias, eps, silu=False, keep_t=True):
-    """x (B, C, ...), weight and bias (C,) -> y, mean and rstd (B, G), t.
+def group_norm_fused_forward(x, num_groups, weight, bias, eps, silu=False, keep_u=True):
+    """x (B, C, ...), weight and bias (C,) -> y, mean and rstd (B, G), u.
 
     y = group_norm(x), or with silu=True y = silu(group_norm(x)). SiLU of
     z = group_norm(x) is computed from h = z / 2 (the factor folded into a
-    and c) and t = tanh(h), since sigmoid(z) = (1 + t) / 2:
-        y = z sigmoid(z) = h (1 + t) = h t + h,
-    three passes after the normalization, no overflow. t (None without silu)
-    is what the backward needs besides y: it saves no normalized map. With
-    keep_t=False (no backward to come: sampling) t lives in a chunk-sized
-    scratch buffer instead, and None is returned for it.
+    and c) and u = 1 + tanh(h) = 2 sigmoid(z) (tanh does not overflow where
+    exp would):
+        y = z sigmoid(z) = h u,
+    three passes after the normalization, h computed in y's own memory. u
+    (None without silu) is what the backward needs besides y: it saves no
+    normalized map. With keep_u=False (no backward to come: sampling) u
+    lives in a chunk-sized scratch buffer instead, and None is returned for it.
 
     On a CPU it makes two loops over the batch, chunk by chunk: the sums
     first, then, with the statistics and coefficients of the whole batch
@@ -136,8 +137,8 @@ def group_norm_fused_forward(x, num_groups, weight, bias, eps, silu=False, keep_
     x3 = x.reshape(B, C, -1)                                            # (B, C, H*W)
     n_group = f(x3.shape[2] * (C // G))                                 # values per group
     if device_of(x) == "cuda":
-        y, mean, rstd, t = _forward_whole_batch(x3, G, weight, bias, eps, silu, n_group)
-        return y.reshape(x.shape), mean, rstd, (t.reshape(x.shape) if keep_t and t is not None else None)
+        y, mean, rstd, u = _forward_whole_batch(x3, G, weight, bias, eps, silu, n_group)
+        return y.reshape(x.shape), mean, rstd, (u.reshape(x.shape) if keep_u and u is not None else None)
     nb = _chunk(x3)
     n_chunks = -(-B // nb)
     sum_x, sum_xx = xp.empty((B, G), dtype=x.dtype), xp.empty((B, G), dtype=x.dtype)
@@ -161,31 +162,30 @@ def group_norm_fused_forward(x, num_groups, weight, bias, eps, silu=False, keep_
         return y.reshape(x.shape), mean, rstd, None
     a *= f(0.5)                                                         # h = z / 2 = x a/2 + c/2
     c *= f(0.5)
-    t = xp.empty_like(x3) if keep_t else None
-    h_bufs = Scratch(lambda: xp.empty((nb,) + x3.shape[1:], dtype=x.dtype))
-    t_bufs = None if keep_t else Scratch(lambda: xp.empty((nb,) + x3.shape[1:], dtype=x.dtype))
+    u = xp.empty_like(x3) if keep_u else None
+    u_bufs = None if keep_u else Scratch(lambda: xp.empty((nb,) + x3.shape[1:], dtype=x.dtype))
 
     def normalize_silu(i, worker):
         b = slice(i * nb, (i + 1) * nb)
         n = x3[b].shape[0]
-        h = xp.multiply(x3[b], a[b], out=h_bufs[worker][:n])
+        h = xp.multiply(x3[b], a[b], out=y[b])                          # h = z / 2, in y
         h += c[b]
-        tc = xp.tanh(h, out=t[b] if keep_t else t_bufs[worker][:n])
-        yc = xp.multiply(h, tc, out=y[b])                               # y = h t + h
-        yc += h
+        uc = xp.tanh(h, out=u[b] if keep_u else u_bufs[worker][:n])
+        uc += f(1)
+        h *= uc                                                         # y = h u
 
     parallel_for(n_chunks, normalize_silu, device_of(x))
-    return y.reshape(x.shape), mean, rstd, (t.reshape(x.shape) if t is not None else None)
+    return y.reshape(x.shape), mean, rstd, (u.reshape(x.shape) if u is not None else None)
 
 
-def group_norm_fused_backward(grad, x, mean, rstd, num_groups, weight, y=None, t=None):
+def group_norm_fused_backward(grad, x, mean, rstd, num_groups, weight, y=None, u=None):
     """(dx, dweight, dbias) for dL/dy = grad, from the input x and the saved statistics.
 
-    With the forward's output y and t (its silu=True), SiLU's derivative is
-    applied first: with s = sigmoid(z) = (1 + t) / 2,
-        dy/dz = s + z s (1 - s) = s + y (1 - s) = ((1 + y) + t (1 - y)) / 2,
-    four passes from y and t; the 1/2 is folded into the group norm's
-    coefficients below (its backward is linear in dL/dz).
+    With the forward's output y and u (its silu=True), SiLU's derivative is
+    applied first: with s = sigmoid(z) = u / 2,
+        dy/dz = s + z s (1 - s) = s + y (1 - s) = (u + y (2 - u)) / 2,
+    three passes from y and u, and one more for dL/dy; the 1/2 is folded into
+    the group norm's coefficients below (its backward is linear in dL/dz).
 
     As the forward, two loops on a CPU: dL/dz and its two sums per (example,
     channel), then dL/dx, with the coefficients worked out once in between.
@@ -196,13 +196,13 @@ def group_norm_fused_backward(grad, x, mean, rstd, num_groups, weight, y=None, t
     f = grad.dtype.type
     g3, x3 = grad.reshape(B, C, -1), x.reshape(B, C, -1)
     n_group = f(x3.shape[2] * (C // G))                                 # values per group
-    silu = t is not None
+    silu = u is not None
     scale = f(0.5) if silu else f(1)
     w = weight.reshape(G, -1)
     if device_of(x) == "cuda":
         dx, dweight, dbias = _backward_whole_batch(
             g3, x3, mean, rstd, w, scale, n_group,
-            y.reshape(B, C, -1) if silu else None, t.reshape(B, C, -1) if silu else None)
+            y.reshape(B, C, -1) if silu else None, u.reshape(B, C, -1) if silu else None)
         return dx.reshape(x.shape), dweight, dbias
     # dx holds 2 dL/dz (SiLU) between the two loops, then dL/dx.
     dx = xp.empty_like(x3)
@@ -211,16 +211,15 @@ def group_norm_fused_backward(grad, x, mean, rstd, num_groups, weight, y=None, t
     nb = _chunk(x3)
     n_chunks = -(-B // nb)
     if silu:
-        y3, t3 = y.reshape(B, C, -1), t.reshape(B, C, -1)
+        y3, u3 = y.reshape(B, C, -1), u.reshape(B, C, -1)
 
     def sums(i, worker):
         b = slice(i * nb, (i + 1) * nb)
         if silu:
-            yc, tc, gzc = y3[b], t3[b], gz[b]
-            xp.multiply(yc, tc, out=gzc)
-            xp.subtract(tc, gzc, out=gzc)                               # t (1 - y)
-            gzc += yc
-            gzc += f(1)
+            uc, gzc = u3[b], gz[b]
+            xp.subtract(f(2), uc, out=gzc)
+            gzc *= y3[b]
+            gzc += uc                                                   # u + y (2 - u)
             gzc *= g3[b]
         sum_g[b], sum_gx[b] = _channel_sums(gz[b], x3[b])
 
@@ -292,19 +291,19 @@ def _normalize(xp):
 
 @elementwise
 def _normalize_silu(xp):
-    """(y, t) = (silu(z), tanh(z / 2)) for z = x a + c, given a / 2 and c / 2 (as the CPU kernel)."""
+    """(y, u) = (silu(z), 1 + tanh(z / 2)) for z = x a + c, given a / 2 and c / 2 (as the CPU kernel)."""
     def normalize_silu(x, a_half, c_half):
         h = x * a_half + c_half                                         # z / 2
-        t = xp.tanh(h)
-        return h * t + h, t
+        u = 1 + xp.tanh(h)
+        return h * u, u
     return normalize_silu
 
 
 @elementwise
 def _silu_grad(xp):
-    """2 dL/dz from dL/dy and SiLU's saved y, t (group_norm_fused_backward's docstring)."""
-    def silu_grad(g, y, t):
-        return g * ((1 + y) + t * (1 - y))
+    """2 dL/dz from dL/dy and SiLU's saved y, u (group_norm_fused_backward's docstring)."""
+    def silu_grad(g, y, u):
+        return g * (u + y * (2 - u))
     return silu_grad
 
 
@@ -323,14 +322,14 @@ def _forward_whole_batch(x3, G, weight, bias, eps, silu, n_group):
     a, c = _scale_shift(mean, rstd, weight, bias)
     if not silu:
         return _normalize(x3, a, c), mean, rstd, None
-    y, t = _normalize_silu(x3, a * half, c * half)
-    return y, mean, rstd, t
+    y, u = _normalize_silu(x3, a * half, c * half)
+    return y, mean, rstd, u
 
 
-def _backward_whole_batch(g3, x3, mean, rstd, w, scale, n_group, y3=None, t3=None):
+def _backward_whole_batch(g3, x3, mean, rstd, w, scale, n_group, y3=None, u3=None):
     B, C, S = x3.shape
     G = w.shape[0]
-    gz = g3 if y3 is None else _silu_grad(g3, y3, t3)
+    gz = g3 if y3 is None else _silu_grad(g3, y3, u3)
     dweight_b, dbias_b, alpha, beta, gamma = _backward_terms(
         *_channel_sums(gz, x3), mean[:, :, None], rstd[:, :, None], w, scale, n_group)
     # beta and gamma are per group: repeated per channel, so that all three
