@@ -381,7 +381,7 @@ def test_upsample_kernels_match_references_for_any_threads(scale, per_chunk, thr
     np.testing.assert_array_equal(y, x[:, :, i[:, None] // scale, j[None, :] // scale])
 
 
-def test_group_norm_silu_without_keeping_t_gives_the_same_output(monkeypatch):
+def test_group_norm_silu_without_keeping_u_gives_the_same_output(monkeypatch):
     rng = np.random.default_rng(3)
     x = rng.standard_normal((5, 8, 6, 6))
     w, b = rng.standard_normal(8), rng.standard_normal(8)
