@@ -496,3 +496,27 @@ def test_tinyddpm_malloc_default_leaves_glibc_alone():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True)
     assert out.stdout.strip() == "False"
+
+
+@needs_threadpoolctl
+def test_attention_small_enough_for_one_chunk_is_split_in_two(threads, monkeypatch):
+    """A batch whose weights fit one chunk but are worth two threads (256 KB or
+    more) goes in two halves, with the numbers of one chunk."""
+    from autograd.kernels import attention as attn_k
+    rng = np.random.default_rng(6)
+    q, k, v = (rng.standard_normal((5, 100, 8)), rng.standard_normal((5, 90, 8)),
+               rng.standard_normal((5, 90, 3)))                 # weights 5 x 100 x 90 x 8 B = 360 KB
+    g = rng.standard_normal((5, 100, 3))
+    assert attn_k._chunks(q, k) == (3, 2)
+    assert attn_k._chunks(q[:, :20], k) == (5, 1)               # 72 KB: one chunk
+
+    def run():
+        out, p = attn_k.attention_forward(q, k, v)
+        return (out, p) + attn_k.attention_backward(g, q, k, v, p)
+
+    threads(2)
+    split = run()
+    monkeypatch.setitem(attn_k._CHUNK_BYTES, "cpu", 1 << 40)     # one chunk, too large to split
+    assert attn_k._chunks(q, k) == (5, 1)
+    for a, e in zip(split, run()):
+        np.testing.assert_array_equal(a, e)
