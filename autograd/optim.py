@@ -7,6 +7,8 @@ store it in an .npz and a resumed run continues exactly.
 """
 import math
 
+import numpy as np
+
 from . import backend
 
 
@@ -133,17 +135,23 @@ def _adam_update(xp):
 def clip_grad_norm(params, max_norm):
     """Scale all gradients together so their global L2 norm is at most max_norm.
 
-    Returns the norm before clipping (a Python float).
+    Returns the norm before clipping, in the gradients' dtype and on their
+    device: a 0-d array (NumPy gives a scalar), as PyTorch returns a tensor.
+    Nothing here reads a value back to the host, so on a GPU the step goes on
+    without waiting for the device: the factor min(1, max_norm / norm) stays
+    on the device and every gradient is multiplied by it, by exactly 1 when
+    the norm is under the limit. Reading the result (float(norm), a
+    comparison) is what waits, where the caller chooses to.
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return 0.0
+        return np.zeros(())
     xp = backend.get_array_module(grads[0])
-    total = math.sqrt(float(sum(xp.vdot(g.ravel(), g.ravel()) for g in grads)))
-    if total > max_norm:
-        scale = max_norm / (total + 1e-6)
-        for g in grads:
-            g *= g.dtype.type(scale)
+    total = xp.sqrt(xp.stack([xp.vdot(g.ravel(), g.ravel()) for g in grads]).sum())
+    # The 1e-6 keeps the factor finite for a zero norm (then it is 1 anyway).
+    factor = xp.minimum(max_norm / (total + 1e-6), 1)
+    for g in grads:
+        g *= factor.astype(g.dtype)
     return total
 
 

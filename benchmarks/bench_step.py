@@ -363,13 +363,11 @@ def profile_step(step, rounds, sync):
 def host_and_device_ms(step, rounds):
     """CUDA only: (host ms, device ms) per step, medians of `rounds`, by
     cupyx.profiler.benchmark, which reads the host clock around each call
-    and CUDA events on the device around it. For a step without a host
-    synchronization inside (the sampling step), host time close to device
-    time means the device waits for Python to issue kernels (launch-bound);
-    host time well under it means the kernels themselves take the time. The
-    training step reads the gradient norm back (clip_grad_norm), so its host
-    time includes waiting for the device and says nothing of the kind: it
-    is not measured this way."""
+    and CUDA events on the device around it. Neither step reads a value back
+    to the host inside it (clip_grad_norm leaves the norm on the device), so
+    host time close to device time means the device waits for Python to
+    issue kernels (launch-bound); host time well under it means the kernels
+    themselves take the time."""
     from cupyx.profiler import benchmark
     result = benchmark(step, n_repeat=rounds, n_warmup=1)
     return 1e3 * float(np.median(result.cpu_times)), 1e3 * float(np.median(result.gpu_times[0]))
@@ -474,7 +472,7 @@ def main():
             emit_json({"bench": "step-profile", "step": which, "preset": a.preset, "batch": a.batch,
                        "step_ms": step_ms, "ops": prof})
             extra = ""
-            if a.device == "cuda" and which == "sample":
+            if a.device == "cuda":
                 host_ms, device_ms = host_and_device_ms(impls["tinyddpm"][index], a.rounds)
                 emit_json({"bench": "step-host-device", "step": which, "preset": a.preset, "batch": a.batch,
                            "host_ms": host_ms, "device_ms": device_ms})

@@ -176,8 +176,11 @@ def test_clip_grad_norm_returns_the_norm_before_and_scales_all_to_max_norm():
     assert norm > 1
 
     returned = optim.clip_grad_norm(params, max_norm=1.0)
-    assert isinstance(returned, float)
-    assert returned == pytest.approx(norm, rel=1e-12)
+    # An array value in the gradients' dtype (on a GPU a device array: making a
+    # Python float would wait for the device in the middle of a training step).
+    assert isinstance(returned, (np.ndarray, np.generic)) and np.shape(returned) == ()
+    assert returned.dtype == np.float64
+    assert float(returned) == pytest.approx(norm, rel=1e-12)
     assert _global_norm(params) == pytest.approx(1.0, rel=1e-5)
     for p, g in zip(params, before):                          # one common factor: directions kept
         np.testing.assert_allclose(p.grad, g * (1.0 / norm), rtol=1e-5)
@@ -196,6 +199,27 @@ def test_clip_grad_norm_under_the_limit_changes_nothing():
 
 def test_clip_grad_norm_without_gradients_returns_zero():
     assert optim.clip_grad_norm(make_params(), 1.0) == 0.0
+
+
+def test_clip_grad_norm_float32_norm_and_factor_stay_float32():
+    params = make_params(np.float32)
+    for p, g in zip(params, gradients(1, scale=3.0, dtype=np.float32)[0]):
+        p.grad = g
+    norm = math.sqrt(sum(float((p.grad.astype(np.float64) ** 2).sum()) for p in params))
+    returned = optim.clip_grad_norm(params, max_norm=0.5)
+    assert returned.dtype == np.float32
+    assert float(returned) == pytest.approx(norm, rel=1e-5)
+    assert all(p.grad.dtype == np.float32 for p in params)
+    assert _global_norm(params) == pytest.approx(0.5, rel=1e-5)
+
+
+def test_clip_grad_norm_of_a_nan_gradient_is_nan():
+    # The training loop stops on a non-finite norm before the optimizer steps.
+    params = make_params()
+    for p, g in zip(params, gradients(1)[0]):
+        p.grad = g
+    params[0].grad.flat[0] = np.nan
+    assert math.isnan(optim.clip_grad_norm(params, max_norm=1.0))
 
 
 # =============================================================================

@@ -400,12 +400,13 @@ def train(plan, reporter=None):
                 loss.backward()
                 # Reading the loss on the host waits for the GPU. Read only once the backward is
                 # queued, so the device never idles while Python queues it; a NaN has then made
-                # NaN gradients, and nothing is updated before the checks below. clip_grad_norm's
-                # total norm, right after, is the step's only other host sync.
+                # NaN gradients, and nothing is updated before the checks below. The total norm
+                # (clip_grad_norm leaves it on the device), read right after, is the step's only
+                # other host sync: both are checked before the optimizer touches a weight.
                 loss_value = float(loss.data)
                 if not math.isfinite(loss_value):
                     return _diverged("loss", loss_value, step + 1, out, saved["step"])
-                grad_norm = clip_grad_norm(params, config.grad_clip)
+                grad_norm = float(clip_grad_norm(params, config.grad_clip))
                 if not math.isfinite(grad_norm):
                     return _diverged("gradient norm", grad_norm, step + 1, out, saved["step"])
                 optimizer.step()

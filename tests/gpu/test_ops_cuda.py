@@ -100,6 +100,29 @@ def test_adam_fused_update_on_cupy_matches_numpy(dtype, rtol, atol):
     np.testing.assert_allclose(results[1], results[0], rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("scale", [3.0, 0.01], ids=["clipped", "under_the_limit"])
+def test_clip_grad_norm_stays_on_the_gpu_and_matches_numpy(scale):
+    """The norm comes back as a CuPy array (no host read inside a training step),
+    and the clipped gradients equal NumPy's."""
+    import cupy
+    from autograd.nn import Parameter
+    from autograd.optim import clip_grad_norm
+    rng = np.random.default_rng(0)
+    grads = [scale * rng.standard_normal(s).astype(np.float32) for s in ((4, 3), (7,), (2, 2, 3))]
+    results = {}
+    for device in ("cpu", "cuda"):
+        params = [Parameter(np.zeros(g.shape, np.float32)).to(device) for g in grads]
+        for p, g in zip(params, grads):
+            p.grad = Tensor(g).to(device).data.copy()
+        norm = clip_grad_norm(params, 1.0)
+        results[device] = (float(norm), [Tensor(p.grad).numpy() for p in params])
+        if device == "cuda":
+            assert isinstance(norm, cupy.ndarray) and norm.shape == () and norm.dtype == np.float32
+    assert results["cuda"][0] == pytest.approx(results["cpu"][0], rel=1e-5)
+    for a, b in zip(results["cuda"][1], results["cpu"][1]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_tf32_is_opt_in_and_can_be_switched_off_again():
     from autograd import backend
     import cupy
