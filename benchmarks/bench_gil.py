@@ -32,6 +32,14 @@ more CPU time on two threads than on one
 (bench_scaling.py --chunks); this separates what the threads share: the GIL
 (`tiny`, `same`), the machine's caches, memory and host (`matmul`, `copy`,
 `process`). docs/performance.md, "Sixth round", has the figures.
+
+Last, how long a sleeping thread takes to run again once woken, as every
+parallel loop wakes the pool's thread and every GIL hand-over to a thread
+that slept waiting for it does: from handing a task to an idle
+one-thread executor to the task's first line, while the caller computes (a
+matrix product, GIL released) or waits for it. On a virtual machine whose
+idle vCPU halts (the ninth round's, in docs/performance.md) this is tens of
+microseconds; OpenMP's threads (PyTorch's) spin instead of sleeping.
 """
 import argparse
 import os
@@ -163,6 +171,26 @@ def beside_thread(neighbour, run, calls, cpu, name):
         t.join()
 
 
+def wake_latency(tries, pause=0.002):
+    """{"busy": [...], "waiting": [...]}: seconds from submitting a task to an
+    idle thread to the task starting, `tries` each. Between tries the thread
+    has `pause` seconds to fall asleep again, as between two kernels' loops."""
+    from concurrent.futures import ThreadPoolExecutor
+    a = np.random.default_rng(3).standard_normal((384, 384), dtype=np.float32)
+    found = {"busy": [], "waiting": []}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(time.perf_counter).result()            # the thread exists before the first try
+        for i in range(2 * tries):
+            case = "busy" if i % 2 == 0 else "waiting"
+            time.sleep(pause)
+            t0 = time.perf_counter()
+            started = pool.submit(time.perf_counter)
+            if case == "busy":
+                a @ a                                      # about 1 ms with the GIL released
+            found[case].append(started.result() - t0)
+    return found
+
+
 def neighbour_process(kernel, batch, cpu):
     """The `process` neighbour (bench_gil.py --loop-forever): the kernel on arrays
     of its own, over and over, pinned only where the parent says, until the
@@ -182,13 +210,14 @@ def main():
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--calls", type=int, default=4, help="timed calls per round and neighbour")
+    p.add_argument("--wake-tries", type=int, default=300, help="tries of the thread wake-up timing")
     p.add_argument("--no-pin", action="store_true",
                    help="leave both threads to the scheduler (by default each has a CPU of its own)")
     p.add_argument("--loop-forever", action="store_true", help=argparse.SUPPRESS)   # the `process` neighbour
     p.add_argument("--cpu", type=int, help=argparse.SUPPRESS)                        # ... and its CPU
     a = p.parse_args()
-    if a.batch < 1 or a.rounds < 1 or a.calls < 1:
-        sys.exit("--batch, --rounds and --calls must be at least 1")
+    if a.batch < 1 or a.rounds < 1 or a.calls < 1 or a.wake_tries < 1:
+        sys.exit("--batch, --rounds, --calls and --wake-tries must be at least 1")
     if not (hasattr(resource, "RUSAGE_THREAD") and hasattr(os, "sched_setaffinity")):
         sys.exit("bench_gil.py needs Linux: per-thread getrusage and CPU affinity")
     # The kernel pool and the BLAS at one thread (below): every chunk on this one.
@@ -236,6 +265,16 @@ def main():
     print_table(rows, [("neighbour", "neighbour", "{}"), ("cpu_ms", "CPU ms per call", "{:.2f}"),
                        ("vs_alone", "vs alone", "{:.3f}"), ("wall_ms", "wall ms per call", "{:.2f}"),
                        ("sleeps", "sleeps per call", "{:.0f}")])
+
+    wake = []
+    for case, seconds in wake_latency(a.wake_tries).items():
+        p10, p50, p90 = np.percentile(np.array(seconds) * 1e6, [10, 50, 90])
+        wake.append({"bench": "gil-wake", "caller": case, "tries": a.wake_tries,
+                     "median_us": p50, "p10_us": p10, "p90_us": p90})
+        emit_json(wake[-1])
+    print(f"\nwaking an idle thread: from submitting a task to its first line, {a.wake_tries} tries each")
+    print_table(wake, [("caller", "caller meanwhile", "{}"), ("median_us", "median us", "{:.0f}"),
+                       ("p10_us", "10th percentile", "{:.0f}"), ("p90_us", "90th percentile", "{:.0f}")])
 
 
 if __name__ == "__main__":
