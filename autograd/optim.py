@@ -147,7 +147,9 @@ def clip_grad_norm(params, max_norm):
     if not grads:
         return np.zeros(())
     xp = backend.get_array_module(grads[0])
-    total = xp.sqrt(xp.stack([xp.vdot(g.ravel(), g.ravel()) for g in grads]).sum())
+    # A Python sum of 0-d arrays: on CuPy one tiny kernel per term, no transfer (stacking
+    # the terms would copy an array of their addresses from the host).
+    total = xp.sqrt(sum(xp.vdot(g.ravel(), g.ravel()) for g in grads))
     # The 1e-6 keeps the factor finite for a zero norm (then it is 1 anyway).
     factor = xp.minimum(max_norm / (total + 1e-6), 1)
     for g in grads:
