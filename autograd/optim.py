@@ -5,7 +5,9 @@ the parameters' dtype so float32 stays float32. Each optimizer exposes its
 state as a flat {name: array} dict (plus plain numbers) so a checkpoint can
 store it in an .npz and a resumed run continues exactly.
 """
+import functools
 import math
+import operator
 
 import numpy as np
 
@@ -137,23 +139,30 @@ def clip_grad_norm(params, max_norm):
 
     Returns the norm before clipping, in the gradients' dtype and on their
     device: a 0-d array (NumPy gives a scalar), as PyTorch returns a tensor.
-    Nothing here reads a value back to the host, so on a GPU the step goes on
-    without waiting for the device: the factor min(1, max_norm / norm) stays
-    on the device and every gradient is multiplied by it, by exactly 1 when
-    the norm is under the limit. Reading the result (float(norm), a
-    comparison) is what waits, where the caller chooses to.
+    Nothing here reads a value back to the host, so on a GPU a step that does
+    not read the norm goes on without waiting for the device: the factor
+    (max_norm / norm where the norm is over the limit, else 1; a NaN norm
+    leaves the gradients as they are) stays on the device and every gradient
+    is multiplied by it. That is one small kernel per parameter even when
+    nothing is clipped, the price of not asking the host. Reading the result
+    (float(norm), a comparison) is what waits, where the caller chooses to.
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return np.zeros(())
+        return np.float64(0.0)
     xp = backend.get_array_module(grads[0])
-    # A Python sum of 0-d arrays: on CuPy one tiny kernel per term, no transfer (stacking
-    # the terms would copy an array of their addresses from the host).
-    total = xp.sqrt(sum(xp.vdot(g.ravel(), g.ravel()) for g in grads))
-    # The 1e-6 keeps the factor finite for a zero norm (then it is 1 anyway).
-    factor = xp.minimum(max_norm / (total + 1e-6), 1)
+    # Summed term by term, as 0-d arrays: on CuPy one tiny kernel each and no
+    # transfer (stacking many arrays copies a table of their addresses from the
+    # host), and no Python int to start from (NumPy 1.x would widen float32).
+    squares = [xp.vdot(g.ravel(), g.ravel()) for g in grads]
+    total = xp.sqrt(functools.reduce(operator.add, squares))
+    # The 1e-6 keeps the factor finite for a norm just over a tiny max_norm.
+    factor = xp.where(total > max_norm, max_norm / (total + 1e-6), xp.ones_like(total))
+    in_dtype = {}
     for g in grads:
-        g *= factor.astype(g.dtype)
+        if g.dtype not in in_dtype:
+            in_dtype[g.dtype] = factor.astype(g.dtype, copy=False)
+        g *= in_dtype[g.dtype]
     return total
 
 

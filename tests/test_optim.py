@@ -213,13 +213,17 @@ def test_clip_grad_norm_float32_norm_and_factor_stay_float32():
     assert _global_norm(params) == pytest.approx(0.5, rel=1e-5)
 
 
-def test_clip_grad_norm_of_a_nan_gradient_is_nan():
-    # The training loop stops on a non-finite norm before the optimizer steps.
+def test_clip_grad_norm_of_a_nan_gradient_is_nan_and_scales_nothing():
+    # The training loop stops on a non-finite norm before the optimizer steps;
+    # the gradients are left as they were, for a look at where the NaN came from.
     params = make_params()
-    for p, g in zip(params, gradients(1)[0]):
+    for p, g in zip(params, gradients(1, scale=3.0)[0]):
         p.grad = g
     params[0].grad.flat[0] = np.nan
+    before = [p.grad.copy() for p in params]
     assert math.isnan(optim.clip_grad_norm(params, max_norm=1.0))
+    for p, g in zip(params, before):
+        np.testing.assert_array_equal(p.grad, g)
 
 
 # =============================================================================
