@@ -171,14 +171,18 @@ def beside_thread(neighbour, run, calls, cpu, name):
         t.join()
 
 
-def wake_latency(tries, pause=0.002):
+def wake_latency(tries, cpus, pause=0.002):
     """{"busy": [...], "waiting": [...]}: seconds from submitting a task to an
-    idle thread to the task starting, `tries` each. Between tries the thread
-    has `pause` seconds to fall asleep again, as between two kernels' loops."""
+    idle thread allowed on `cpus` (a set) to the task starting, `tries` each;
+    `submit`'s own work (a Future, a queue) is counted in. Between tries the
+    thread has `pause` seconds to fall asleep again, as between two kernels'
+    loops."""
     from concurrent.futures import ThreadPoolExecutor
     a = np.random.default_rng(3).standard_normal((384, 384), dtype=np.float32)
     found = {"busy": [], "waiting": []}
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    # A new thread inherits its creator's CPU affinity (the caller may be
+    # pinned): it gets its own, so that the two are not one vCPU taking turns.
+    with ThreadPoolExecutor(max_workers=1, initializer=os.sched_setaffinity, initargs=(0, cpus)) as pool:
         pool.submit(time.perf_counter).result()            # the thread exists before the first try
         for i in range(2 * tries):
             case = "busy" if i % 2 == 0 else "waiting"
@@ -211,6 +215,7 @@ def main():
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--calls", type=int, default=4, help="timed calls per round and neighbour")
     p.add_argument("--wake-tries", type=int, default=300, help="tries of the thread wake-up timing")
+    p.add_argument("--wake-only", action="store_true", help="time only the thread wake-up (seconds, not minutes)")
     p.add_argument("--no-pin", action="store_true",
                    help="leave both threads to the scheduler (by default each has a CPU of its own)")
     p.add_argument("--loop-forever", action="store_true", help=argparse.SUPPRESS)   # the `process` neighbour
@@ -237,6 +242,8 @@ def main():
         sys.exit("bench_gil.py needs threadpoolctl to hold the BLAS at one thread (pip install threadpoolctl)")
     if mine is not None:
         os.sched_setaffinity(0, {mine})
+    if a.wake_only:
+        return print_wake(a, cpus, mine, theirs)
     run = make_kernel(a.kernel, a.batch, seed=0)
     neighbours = {"none": None, **make_neighbours(a.kernel, a.batch),
                   "process": [sys.executable, os.path.abspath(__file__), "--kernel", a.kernel,
@@ -265,14 +272,19 @@ def main():
     print_table(rows, [("neighbour", "neighbour", "{}"), ("cpu_ms", "CPU ms per call", "{:.2f}"),
                        ("vs_alone", "vs alone", "{:.3f}"), ("wall_ms", "wall ms per call", "{:.2f}"),
                        ("sleeps", "sleeps per call", "{:.0f}")])
+    print_wake(a, cpus, mine, theirs)
 
+
+def print_wake(a, cpus, mine, theirs):
     wake = []
-    for case, seconds in wake_latency(a.wake_tries).items():
+    for case, seconds in wake_latency(a.wake_tries, set(cpus) if theirs is None else {theirs}).items():
         p10, p50, p90 = np.percentile(np.array(seconds) * 1e6, [10, 50, 90])
         wake.append({"bench": "gil-wake", "caller": case, "tries": a.wake_tries,
                      "median_us": p50, "p10_us": p10, "p90_us": p90})
         emit_json(wake[-1])
-    print(f"\nwaking an idle thread: from submitting a task to its first line, {a.wake_tries} tries each")
+    woken = "left to the scheduler" if theirs is None else f"caller on CPU {mine}, woken thread on CPU {theirs}"
+    print(f"\nwaking an idle thread: from submitting a task to its first line, {a.wake_tries} tries each "
+          f"({woken})")
     print_table(wake, [("caller", "caller meanwhile", "{}"), ("median_us", "median us", "{:.0f}"),
                        ("p10_us", "10th percentile", "{:.0f}"), ("p90_us", "90th percentile", "{:.0f}")])
 
