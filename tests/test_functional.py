@@ -149,6 +149,9 @@ CASES = [
     conv("2x2 pad 0 on 5x4", (2, 2, 5, 4), (3, 2, 2, 2)),
     conv("1x1 pad 1 on 4x5", (2, 3, 4, 5), (2, 3, 1, 1), padding=1),
     conv("1x5 pad 2 on 6x1", (2, 2, 6, 1), (3, 2, 1, 5), padding=2),
+    # stride 1 "same" width: rows unpadded at the sides, wrapped reads zeroed (_im2col)
+    conv("1x7 pad 3 on 3x2: kernel columns past both edges", (2, 2, 3, 2), (3, 2, 1, 7), padding=3),
+    conv("3x3 pad 1 on 1x1", (2, 3, 1, 1), (2, 3, 3, 3), padding=1),
     group_norm("1 group", (2, 4, 3, 3), 1),
     group_norm("2 groups", (2, 4, 3, 3), 2),
     group_norm("C groups", (2, 4, 3, 3), 4),
