@@ -110,6 +110,45 @@ def test_group_norm_silu_chunks_agree_with_one_chunk(monkeypatch):
         np.testing.assert_allclose(a, b_, rtol=1e-12, atol=1e-14)
 
 
+def test_group_norm_leaves_numpys_buffer_size_as_it_found_it(monkeypatch):
+    """The kernels narrow NumPy's buffer for rows of 28x28 maps (backend.narrow_buffer)
+    and must put it back, also when a chunk fails; results do not depend on it."""
+    from autograd import backend
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 4, 28, 28))
+    w, b, g = rng.standard_normal(4), rng.standard_normal(4), rng.standard_normal(x.shape)
+    before = np.getbufsize()
+    y, mean, rstd, u = norm_k.group_norm_fused_forward(x, 2, w, b, 1e-5, silu=True)
+    grads = norm_k.group_norm_fused_backward(g, x, mean, rstd, 2, w, y, u)
+    assert np.getbufsize() == before
+    old = np.setbufsize(8192 * 2)          # the kernels' results do not depend on the buffer
+    try:
+        y2 = norm_k.group_norm_fused_forward(x, 2, w, b, 1e-5, silu=True)[0]
+        grads2 = norm_k.group_norm_fused_backward(g, x, mean, rstd, 2, w, y, u)
+    finally:
+        np.setbufsize(old)
+    np.testing.assert_array_equal(y2, y)
+    for a, b_ in zip(grads2, grads):
+        np.testing.assert_array_equal(a, b_)
+    assert backend.narrow_buffer(49) is None and np.getbufsize() == before
+    previous = backend.narrow_buffer(784)
+    assert previous == before and np.getbufsize() < 784
+    backend.restore_buffer(previous)
+    assert np.getbufsize() == before
+
+    class Failing:                         # numpy, but a chunk's multiply fails
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        def multiply(self, *args, **kwargs):
+            assert np.getbufsize() < 784   # inside the narrowed part
+            raise FloatingPointError("a chunk failed")
+    monkeypatch.setattr(norm_k, "get_array_module", lambda *arrays: Failing())
+    with pytest.raises(FloatingPointError, match="a chunk failed"):
+        norm_k.group_norm_fused_forward(x, 2, w, b, 1e-5, silu=True)
+    assert np.getbufsize() == before
+
+
 # =============================================================================
 # Convolution by shifted outputs (kernels/conv.py, used where C_in >= 2 C_out at 28x28)
 # =============================================================================

@@ -29,7 +29,7 @@ temporaries, which is what these element-wise ops cost on a CPU:
       alpha = rstd w,   beta = -rstd^2 mean(dxhat xhat),
       gamma = rstd (mean rstd mean(dxhat xhat) - mean(dxhat)).
 """
-from ..backend import device_of, elementwise, get_array_module
+from ..backend import device_of, elementwise, get_array_module, narrow_buffer, restore_buffer
 from ..parallel import Scratch, parallel_for
 
 
@@ -155,8 +155,12 @@ def group_norm_fused_forward(x, num_groups, weight, bias, eps, silu=False, keep_
     if not silu:
         def normalize(i, worker):
             b = slice(i * nb, (i + 1) * nb)
-            yc = xp.multiply(x3[b], a[b], out=y[b])
-            yc += c[b]
+            old = narrow_buffer(x3.shape[2])
+            try:
+                yc = xp.multiply(x3[b], a[b], out=y[b])
+                yc += c[b]
+            finally:
+                restore_buffer(old)
 
         parallel_for(n_chunks, normalize, device_of(x))
         return y.reshape(x.shape), mean, rstd, None
@@ -168,8 +172,12 @@ def group_norm_fused_forward(x, num_groups, weight, bias, eps, silu=False, keep_
     def normalize_silu(i, worker):
         b = slice(i * nb, (i + 1) * nb)
         n = x3[b].shape[0]
-        h = xp.multiply(x3[b], a[b], out=y[b])                          # h = z / 2, in y
-        h += c[b]
+        old = narrow_buffer(x3.shape[2])
+        try:
+            h = xp.multiply(x3[b], a[b], out=y[b])                      # h = z / 2, in y
+            h += c[b]
+        finally:
+            restore_buffer(old)
         uc = xp.tanh(h, out=u[b] if keep_u else u_bufs[worker][:n])
         uc += f(1)
         h *= uc                                                         # y = h u
@@ -233,9 +241,13 @@ def group_norm_fused_backward(grad, x, mean, rstd, num_groups, weight, y=None, u
         b = slice(i * nb, (i + 1) * nb)
         xc = x3[b]
         n = xc.shape[0]
-        rest = xp.multiply(xc.reshape(n, G, -1), beta[b], out=bufs[worker][:n].reshape(n, G, -1))
-        rest += gamma[b]
-        dxc = xp.multiply(gz[b], alpha[b], out=dx[b])                  # gz may be this very slice
+        old = narrow_buffer(x3.shape[2])
+        try:
+            rest = xp.multiply(xc.reshape(n, G, -1), beta[b], out=bufs[worker][:n].reshape(n, G, -1))
+            rest += gamma[b]
+            dxc = xp.multiply(gz[b], alpha[b], out=dx[b])              # gz may be this very slice
+        finally:
+            restore_buffer(old)
         dxc += rest.reshape(n, C, -1)
 
     parallel_for(n_chunks, input_grad, device_of(x))
