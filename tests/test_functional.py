@@ -142,7 +142,8 @@ CASES = [
     conv("3x3 stride 3 pad 1 on 10x8", (2, 2, 10, 8), (3, 2, 3, 3), stride=3, padding=1),
     conv("2x2 stride 3 on 8x8: pixels no patch reads", (2, 2, 8, 8), (3, 2, 2, 2), stride=3),
     conv("2x3 stride 2 pad 1 on 7x6", (2, 2, 7, 6), (3, 2, 2, 3), stride=2, padding=1),
-    # stride 1, rows padded on the left only where the kernel allows (kernels/conv.py, _row)
+    # stride 1: rows without side padding where the output is no wider than the
+    # input, else padded on the left (kernels/conv.py, _row, _padded_row)
     conv("5x5 pad 2 on 6x7", (2, 2, 6, 7), (3, 2, 5, 5), padding=2),
     conv("3x3 pad 2 on 5x6", (2, 2, 5, 6), (3, 2, 3, 3), padding=2),
     conv("4x4 pad 1 on 6x6", (2, 2, 6, 6), (3, 2, 4, 4), padding=1),
@@ -152,6 +153,7 @@ CASES = [
     # stride 1 "same" width: rows unpadded at the sides, wrapped reads zeroed (_im2col)
     conv("1x7 pad 3 on 3x2: kernel columns past both edges", (2, 2, 3, 2), (3, 2, 1, 7), padding=3),
     conv("3x3 pad 1 on 1x1", (2, 3, 1, 1), (2, 3, 3, 3), padding=1),
+    conv("1x6 pad 3 on 3x1: left-padded row shorter than the kernel", (2, 2, 3, 1), (3, 2, 1, 6), padding=3),
     group_norm("1 group", (2, 4, 3, 3), 1),
     group_norm("2 groups", (2, 4, 3, 3), 2),
     group_norm("C groups", (2, 4, 3, 3), 4),

@@ -110,6 +110,45 @@ def test_group_norm_silu_chunks_agree_with_one_chunk(monkeypatch):
         np.testing.assert_allclose(a, b_, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("x_shape, w_shape, stride, padding", [
+    ((3, 2, 5, 4), (3, 2, 3, 3), 1, 1),       # rows without side padding, short last chunk
+    ((2, 2, 3, 2), (3, 2, 1, 7), 1, 3),       # kernel columns past both edges
+    ((2, 3, 6, 6), (2, 3, 4, 4), 1, 1),       # output narrower than the input
+    ((2, 2, 5, 4), (3, 2, 2, 2), 1, 0),
+    ((2, 2, 3, 1), (3, 2, 1, 6), 1, 3),       # left-padded rows shorter than the kernel
+    ((2, 2, 5, 6), (3, 2, 3, 3), 1, 2),       # left-padded rows
+    ((2, 2, 7, 6), (3, 2, 2, 3), 2, 1),       # stride 2
+])
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 20])
+def test_im2col_views_stay_inside_their_buffers(x_shape, w_shape, stride, padding, chunk_bytes, monkeypatch):
+    """The patch views are made with as_strided, which checks nothing: a view
+    that reaches past its buffer reads other memory (and the wrap fixes would
+    hide it in the numbers). Every view made must lie inside its base array."""
+    try:
+        byte_bounds = np.lib.array_utils.byte_bounds          # NumPy 2
+    except AttributeError:                                     # pragma: no cover - NumPy 1.x
+        byte_bounds = np.byte_bounds
+    real = np.lib.stride_tricks.as_strided
+    made = []
+
+    def recording(base, shape, strides):
+        view = real(base, shape, strides)
+        made.append((view, base))
+        return view
+    monkeypatch.setattr(np.lib.stride_tricks, "as_strided", recording)
+    monkeypatch.setitem(conv_k._CHUNK_BYTES, "cpu", chunk_bytes)
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+    g = rng.standard_normal(conv_k.conv2d_forward(x, w, stride, padding).shape)
+    conv_k.conv2d_backward(g, x, w, stride, padding, need_x=True, need_w=True, need_b=True)
+    conv_k.conv2d_backward(g, x, w, stride, padding, need_x=False, need_w=True)
+    assert made
+    for view, base in made:
+        lo, hi = byte_bounds(view)
+        base_lo, base_hi = byte_bounds(base)
+        assert base_lo <= lo and hi <= base_hi, (view.shape, view.strides, base.shape)
+
+
 def test_group_norm_leaves_numpys_buffer_size_as_it_found_it(monkeypatch):
     """The kernels narrow NumPy's buffer for rows of 28x28 maps (backend.narrow_buffer)
     and must put it back, also when a chunk fails; results do not depend on it."""
@@ -157,7 +196,7 @@ def test_group_norm_leaves_numpys_buffer_size_as_it_found_it(monkeypatch):
     ((2, 96, 28, 28), (32, 96, 3, 3), 1),    # up path, 96 -> 32
     ((2, 32, 28, 28), (1, 32, 3, 3), 1),     # conv_out
     ((2, 6, 29, 30), (3, 6, 3, 3), 1),       # odd, non-square map (chunk of one image below)
-    ((2, 2, 6, 1), (1, 2, 1, 5), 2),         # a kernel wider than the padded row minus one (_row)
+    ((2, 2, 6, 1), (1, 2, 1, 5), 2),         # a kernel wider than the padded row minus one (_padded_row)
 ])
 def test_output_side_conv_matches_reference(x_shape, w_shape, padding, monkeypatch):
     rng = np.random.default_rng(0)
@@ -232,17 +271,19 @@ def test_conv2d_add_float32_in_float32_out(c):
     check_float32(c)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("k, stride, c_in", [(3, 1, 4), (3, 2, 4), (1, 1, 4), (3, 1, 16)])
-def test_conv2d_add_in_chunks_equals_conv_then_add(k, stride, c_in, monkeypatch):
-    """One image per chunk (each chunk adds its own slice of r) changes nothing;
-    c_in 16 -> 4 at 28x28 takes the output-side path."""
+def test_conv2d_add_in_chunks_equals_conv_then_add(k, stride, c_in, dtype, monkeypatch):
+    """One image per chunk (each chunk adds its own slice of r, some straight
+    into the output) changes nothing; c_in 16 -> 4 at 28x28 takes the output-side path."""
     rng = np.random.default_rng(5)
-    x = rng.standard_normal((5, c_in, 28, 28))
-    w = rng.standard_normal((4, c_in, k, k))
-    b = rng.standard_normal(4)
+    x = rng.standard_normal((5, c_in, 28, 28)).astype(dtype)
+    w = rng.standard_normal((4, c_in, k, k)).astype(dtype)
+    b = rng.standard_normal(4).astype(dtype)
     monkeypatch.setitem(conv_k._CHUNK_BYTES, "cpu", 1)
     y = conv_k.conv2d_forward(x, w, stride, k // 2, bias=b)
-    for r in (rng.standard_normal(y.shape), rng.standard_normal((5, 4, 1, 1))):
+    assert y.dtype == dtype
+    for r in (rng.standard_normal(y.shape).astype(dtype), rng.standard_normal((5, 4, 1, 1)).astype(dtype)):
         np.testing.assert_array_equal(conv_k.conv2d_forward(x, w, stride, k // 2, bias=b, add=r), y + r)
 
 
