@@ -156,17 +156,13 @@ def keep_freed_host_memory():
     return _host_memory_kept
 
 
-# =============================================================================
-# Fused element-wise kernels (GPU)
-# =============================================================================
-
 # NumPy's buffer size (values) while a CPU kernel's chunk multiplies or adds
 # full-size rows and a per-row value (the group norm's x * a + c with a, c of
-# shape (n, C, 1)). Such a broadcast
-# stops NumPy from treating the rows as one long run, so by default its
-# iterator copies several rows at a time into buffers of 8192 values and the
-# per-row operand out value by value. With a buffer shorter than a row it
-# works on the rows in place. A multiply by a per-row value, against one by a
+# shape (n, C, 1)). Such a broadcast stops NumPy from treating the rows as one
+# long run, so by default its iterator copies several rows at a time into
+# buffers of 8192 values and the per-row operand out value by value. With a
+# buffer shorter than a row it works on the rows in place. A multiply by a
+# per-row value, against one by a
 # scalar (one thread, 250,000 values, tenth round): rows of 784 (28x28 maps)
 # 2.6x as long by default, 1.3x with a 16-value buffer; rows of 196 2.6x and
 # 2.1x; rows of 49 3.0x and 6.6x, so rows shorter than _NARROW_FROM keep the
@@ -188,6 +184,10 @@ def restore_buffer(old):
     if old is not None:
         np.setbufsize(old)
 
+
+# =============================================================================
+# Fused element-wise kernels (GPU)
+# =============================================================================
 
 def elementwise(make):
     """Decorator: one element-wise function for both backends, one kernel on CuPy.
