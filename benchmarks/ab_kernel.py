@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from ab_step import load_old_module  # noqa: E402
-from bench_conv import make_case  # noqa: E402
+from bench_conv import make_case, preset_configs  # noqa: E402
 from common import emit_json, machine_header, print_table, quartiles, set_threads  # noqa: E402
 
 import autograd  # noqa: E402
@@ -43,27 +43,23 @@ from tinyddpm.unet import PRESETS, UNet  # noqa: E402
 
 
 def shapes(preset, kernel):
-    """{shape: count} of the preset's convolutions (C_in, C_out, size, k, stride) or
-    group norms (C, size, groups, silu), in one forward pass, in order of first use."""
+    """{shape: count} of the preset's convolutions (C_in, C_out, size, k, stride),
+    as bench_conv.py finds them, or group norms (C, size, groups, silu), in one
+    forward pass, in order of first use."""
+    if kernel == "conv":
+        return {config[1:6]: config[6] for config in preset_configs(preset)}
     model = UNet(**PRESETS[preset], rng=np.random.default_rng(0))
     seen = {}
-    names = ("conv2d",) if kernel == "conv" else ("group_norm", "group_norm_silu")
-    originals = {n: getattr(F, n) for n in names}
+    originals = {n: getattr(F, n) for n in ("group_norm", "group_norm_silu")}
 
     def recorder(name):
-        def record(x, *args, **kwargs):
-            if name == "conv2d":
-                w = args[0] if args else kwargs["weight"]
-                stride = kwargs.get("stride", args[2] if len(args) > 2 else 1)
-                key = (x.shape[1], w.shape[0], x.shape[2], w.shape[2], stride)
-            else:
-                groups = args[0] if args else kwargs["num_groups"]
-                key = (x.shape[1], x.shape[2], groups, name == "group_norm_silu")
+        def record(x, num_groups, *args, **kwargs):
+            key = (x.shape[1], x.shape[2], num_groups, name == "group_norm_silu")
             seen[key] = seen.get(key, 0) + 1
-            return originals[name](x, *args, **kwargs)
+            return originals[name](x, num_groups, *args, **kwargs)
         return record
 
-    for n in names:
+    for n in originals:
         setattr(F, n, recorder(n))
     try:
         with autograd.no_grad():
@@ -75,7 +71,8 @@ def shapes(preset, kernel):
 
 
 def conv_calls(module, key, batch, rng):
-    """(forward, backward) of `module`'s convolution at `key`, on bench_conv.py's float32 arrays."""
+    """(forward, backward) of `module`'s convolution at `key`, on bench_conv.py's
+    float32 arrays (its own seed: `rng` is for norm_calls' sake)."""
     cin, cout, size, k, stride = key
     x, w, b, dy, pad = make_case(batch, cin, cout, size, k, stride, seed=1)
     return (lambda: (module.conv2d_forward(x, w, stride, pad, b),),
