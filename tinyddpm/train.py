@@ -47,6 +47,7 @@ import numpy as np
 import autograd
 from autograd import backend
 from autograd.optim import EMA, Adam, clip_grad_norm
+from autograd.processes import BatchSplit
 from tinyddpm import schedule
 from tinyddpm.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from tinyddpm.config import TrainConfig
@@ -487,7 +488,9 @@ class _Previewer:
 
         shape = (config.sample_n, 1, config.image_size, config.image_size)
         try:
-            x = self.diffusion.sample(self.model, shape, rng, steps=config.sample_steps, progress=check_stop)
+            # Forked after copy_to, so the workers hold this step's EMA weights.
+            with BatchSplit(self.model, device=config.device) as net:
+                x = self.diffusion.sample(net, shape, rng, steps=config.sample_steps, progress=check_stop)
         except _PreviewAborted:
             self.reporter.note(f"preview at step {step} skipped (stop requested)")
             return
