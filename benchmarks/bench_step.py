@@ -7,7 +7,10 @@
   backward, gradient-norm clipping, Adam, EMA update: what `tinyddpm train`
   does per batch, minus data loading.
 - sample step: one UNet forward under no_grad (one step of Algorithm 2 is
-  this plus a few element-wise operations).
+  this plus a few element-wise operations). On a CPU with more than one
+  thread it runs as the sampler runs it: the batch split over as many
+  processes (autograd/processes.py, BatchSplit), each on one thread;
+  `--no-split` runs it on the kernel threads of one process instead.
 Each is warmed up, then timed `--rounds` times; medians are reported. With
 `--compare-torch` (run it with a Python that has torch, e.g.
 .torchvenv/bin/python) an equivalent PyTorch model, written below with the
@@ -22,6 +25,7 @@ goes, per op class, forward and backward.
 Prints one JSON line per configuration, then a readable table.
 """
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -39,6 +43,7 @@ from common import emit_json, set_threads, machine_header, print_table, quartile
 import autograd  # noqa: E402
 from autograd import backend  # noqa: E402
 from autograd.optim import EMA, Adam, clip_grad_norm  # noqa: E402
+from autograd.processes import BatchSplit  # noqa: E402
 from tinyddpm.diffusion import GaussianDiffusion  # noqa: E402
 from tinyddpm.schedule import linear_betas  # noqa: E402
 from tinyddpm.unet import PRESETS, UNet  # noqa: E402
@@ -72,11 +77,17 @@ def tinyddpm_steps(preset, batch, device, seed=0):
         ema.update()
         return loss
 
+    # The sampler's way (tinyddpm/sample.py): the batch split over processes,
+    # inside `with sample_step.batch_split:`; outside such a block the same
+    # call runs the whole batch here, on the kernel threads.
+    net = BatchSplit(model, device=device)
+
     def sample_step():
         model.eval()
         with autograd.no_grad():
-            return model(autograd.Tensor(x0), t_mid)
+            return net(autograd.Tensor(x0), t_mid)
 
+    sample_step.batch_split = net
     sync = (lambda: backend.cupy.cuda.Device().synchronize()) if device == "cuda" else None
     return train_step, sample_step, sum(p.size for p in params), sync
 
@@ -220,14 +231,14 @@ def torch_steps(torch, preset, batch, device, seed=0):
 # Peak memory, each in a fresh process
 # =============================================================================
 
-def _status_mb(field):
-    """VmRSS (now) or VmHWM (peak) of this process, in MB, from /proc/self/status.
+def _status_mb(field, pid="self"):
+    """VmRSS (now) or VmHWM (peak) of this process (or process `pid`), in MB, from /proc.
 
     Not ru_maxrss: Linux carries that across fork + exec, so a child would
     report its parent's peak when the parent was bigger.
     """
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
@@ -236,8 +247,13 @@ def _status_mb(field):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # other systems
 
 
-def memory_child(impl, which, preset, batch, device, threads):
-    """Runs in the subprocess: build, run `which` 3 times, print the peaks as JSON."""
+def memory_child(impl, which, preset, batch, device, threads, split):
+    """Runs in the subprocess: build, run `which` 3 times, print the peaks as JSON.
+
+    A sampling step split over processes counts every process: the sum of
+    their peaks (pages the fork left shared count once per process, so the
+    sum errs high).
+    """
     torch = torch_or_none(threads) if impl == "torch" else None
     train, sample, _, sync = (torch_steps(torch, preset, batch, device) if impl == "torch"
                               else tinyddpm_steps(preset, batch, device))
@@ -246,11 +262,16 @@ def memory_child(impl, which, preset, batch, device, threads):
     pool = backend.cupy.get_default_memory_pool() if (device == "cuda" and impl != "torch") else None
     if pool is not None:
         pool.free_all_blocks()
+    block = getattr(fn, "batch_split", None) if split else None
     before = _status_mb("VmRSS")
-    for _ in range(3):
-        fn()
-        sync()
-    out = {"peak_rss_mb": _status_mb("VmHWM"), "rss_before_mb": before}
+    with block or contextlib.nullcontext():
+        for _ in range(3):
+            fn()
+            sync()
+        children = [child.pid for child, _ in block.children] if block else []
+        # A child's peak, read before the block ends and it exits.
+        children_peak = sum(_status_mb("VmHWM", pid) for pid in children)
+    out = {"peak_rss_mb": _status_mb("VmHWM") + children_peak, "rss_before_mb": before}
     out["step_rss_mb"] = out["peak_rss_mb"] - before
     if pool is not None:
         out["device_peak_mb"] = pool.total_bytes() / 2 ** 20   # the pool keeps its high-water mark
@@ -264,6 +285,7 @@ def memory_child(impl, which, preset, batch, device, threads):
 def measure_memory(impl, which, a):
     cmd = [sys.executable, os.path.abspath(__file__), "--_memory-child", impl, which,
            "--preset", a.preset, "--batch", str(a.batch), "--device", a.device, "--threads", str(a.threads)]
+    cmd += ["--no-split"] if a.no_split else []
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"memory subprocess failed:\n{done.stderr}")
@@ -387,6 +409,9 @@ def main():
     p.add_argument("--compare-torch", action="store_true")
     p.add_argument("--profile", action="store_true", help="print a per-op profile of one train step")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--no-split", action="store_true",
+                   help="sampling step on the kernel threads of one process, not split over processes "
+                        "as the sampler does (autograd/processes.py)")
     p.add_argument("--tf32", action="store_true",
                    help="cuda: float32 products on TF32 tensor cores, for both (default: full float32 for "
                         "both; PyTorch's own default would run its cuDNN convolutions in TF32). tinyddpm's "
@@ -396,7 +421,7 @@ def main():
     a = p.parse_args()
     set_threads(a.threads)
     if a._memory_child:
-        return memory_child(*a._memory_child, a.preset, a.batch, a.device, a.threads)
+        return memory_child(*a._memory_child, a.preset, a.batch, a.device, a.threads, not a.no_split)
 
     torch = torch_or_none(a.threads) if a.compare_torch else None
     if a.compare_torch and torch is None:
@@ -420,11 +445,16 @@ def main():
             s()
 
     rows = []
+    split = impls["tinyddpm"][1].batch_split
     for which, index in (("train", 0), ("sample", 1)):
-        times = time_rounds({name: fns[index] for name, fns in impls.items()}, a.rounds, sync=sync)
+        # Open only around the sampling rounds: it holds this process at one thread.
+        with split if (which == "sample" and not a.no_split) else contextlib.nullcontext():
+            times = time_rounds({name: fns[index] for name, fns in impls.items()}, a.rounds, sync=sync)
         med = {name: statistics.median(ts) for name, ts in times.items()}
         row = {"bench": "step", "preset": a.preset, "batch": a.batch, "device": a.device, "step": which,
-               "tf32": a.tf32, "params": impls["tinyddpm"][2], "rounds": a.rounds}
+               "tf32": a.tf32, "params": impls["tinyddpm"][2], "rounds": a.rounds,
+               "tinyddpm_processes": (split.processes if which == "sample" and a.device == "cpu"
+                                      and not a.no_split else 1)}
         for name in impls:
             row[f"{name}_s"] = med[name]
             if not a.no_memory:
@@ -447,7 +477,9 @@ def main():
     print()
     print(f"{a.preset}, batch {a.batch}, {a.device}{' (TF32)' if a.tf32 else ''}, median of {a.rounds}; "
           f"BLAS: {header['blas']}; "
-          f"tinyddpm: {a.threads} threads; torch: {header['torch']} ({a.threads} threads)")
+          f"tinyddpm: {a.threads} threads" + ("" if a.no_split or a.device != "cpu" or a.threads < 2 else
+                                              f" (sampling: {a.threads} processes of 1 thread)")
+          + f"; torch: {header['torch']} ({a.threads} threads)")
     cols = [("step", "step", "{}"), ("tinyddpm_s", "tinyddpm s", "{:.3f}")]
     if torch:
         cols += [("torch_s", "torch s", "{:.3f}"), ("ratio", "ratio", "{:.2f}"),
