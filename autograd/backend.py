@@ -100,6 +100,26 @@ def manual_seed(seed):
     _global_rngs["seed"] = seed
 
 
+def seed_global_rng(seed, device="cpu"):
+    """Replace one device's global generator with default_rng(seed) (seed: an int or a list of ints)."""
+    _global_rngs[device] = default_rng(seed, device)
+
+
+def fork_global_rngs(worker):
+    """In forked worker process number `worker` (1, 2, ...): global generators of its own.
+
+    A forked child starts with copies of its parent's generators, so without
+    this its dropout masks would repeat the parent's. Derived from the seed
+    given to manual_seed when there was one (a seeded run stays repeatable),
+    else fresh, as the parent's own.
+    """
+    seed = _global_rngs.get("seed")
+    _global_rngs.clear()
+    if seed is not None:
+        entropy = np.random.SeedSequence(np.atleast_1d(seed).tolist() + [0x5EED, worker])
+        _global_rngs["seed"] = int(entropy.generate_state(1)[0])
+
+
 def global_rng(device="cpu"):
     if device not in _global_rngs:
         seed = _global_rngs.get("seed")

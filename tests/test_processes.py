@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import autograd
-from autograd import parallel, processes
-from autograd.processes import BatchSplit
+from autograd import functional as F, parallel, processes
+from autograd.optim import Adam
+from autograd.processes import BatchSplit, GradientSplit
 from tinyddpm.sample import sample_checkpoint
 from tinyddpm.unet import UNet
 
@@ -163,17 +164,22 @@ def test_where_it_cannot_or_need_not_fork_calls_go_straight_to_fn(how, two_threa
     assert calls == [(4, 3)]                             # the whole batch, here
 
 
-@needs_fork
-def test_sampling_a_checkpoint_on_two_processes_gives_the_images_of_one_to_rounding(micro_checkpoint, monkeypatch):  # noqa: F811
-    children = []
-    real_enter = BatchSplit.__enter__
+def count_children(monkeypatch, cls):
+    """A list that gets, each time a `cls` block opens, how many children it forked."""
+    children, real_enter = [], cls.__enter__
 
     def counting_enter(self):
         out = real_enter(self)
         children.append(len(self.children))
         return out
 
-    monkeypatch.setattr(BatchSplit, "__enter__", counting_enter)
+    monkeypatch.setattr(cls, "__enter__", counting_enter)
+    return children
+
+
+@needs_fork
+def test_sampling_a_checkpoint_on_two_processes_gives_the_images_of_one_to_rounding(micro_checkpoint, monkeypatch):  # noqa: F811
+    children = count_children(monkeypatch, BatchSplit)
 
     def draw(n_threads):
         before = parallel.num_threads()
@@ -186,3 +192,167 @@ def test_sampling_a_checkpoint_on_two_processes_gives_the_images_of_one_to_round
     one, two = draw(1), draw(2)
     assert children == [0, 1]                 # one process, then a forked child beside this one
     np.testing.assert_allclose(two, one, rtol=0, atol=1e-4)   # float32 rounding (see the first test)
+
+
+# =============================================================================
+# GradientSplit: a training step's loss and gradients
+# =============================================================================
+
+def unet_loss(model):
+    def loss_fn(x, t, noise):
+        return F.mse_loss(model(autograd.Tensor(x), t), autograd.Tensor(noise))
+    return loss_fn
+
+
+def batch_of(n, dtype, rng):
+    return (rng.standard_normal((n, 1, 8, 8)).astype(dtype), rng.integers(0, 1000, n),
+            rng.standard_normal((n, 1, 8, 8)).astype(dtype))
+
+
+@needs_fork
+@pytest.mark.parametrize("n_processes", [2, 3])
+def test_split_gradients_are_the_whole_batch_gradients(n_processes, two_threads):
+    model = UNet(**TINY, dtype=np.float64, rng=np.random.default_rng(1))
+    params = model.parameters()
+    x, t, noise = batch_of(7, np.float64, np.random.default_rng(2))
+    whole = unet_loss(model)(x, t, noise)
+    whole.backward()
+    expected = [p.grad.copy() for p in params]
+    for p in params:
+        p.grad = None
+    with GradientSplit(params, unet_loss(model), processes=n_processes) as step:
+        assert len(step.children) == n_processes - 1
+        loss = step(x, t, noise)
+    assert loss.shape == () and loss.dtype == np.float64
+    np.testing.assert_allclose(loss, whole.data, rtol=1e-12)
+    for p, g in zip(params, expected):
+        np.testing.assert_allclose(p.grad, g, rtol=1e-10, atol=1e-14)
+
+
+@needs_fork
+def test_an_optimizer_step_in_this_process_reaches_the_children(two_threads):
+    def train(split):
+        model = UNet(**TINY, dtype=np.float64, rng=np.random.default_rng(1))
+        params = model.parameters()
+        opt, rng, losses = Adam(params, lr=1e-2), np.random.default_rng(5), []
+        with GradientSplit(params, unet_loss(model), processes=2 if split else 1) as step:
+            for _ in range(4):
+                opt.zero_grad()
+                losses.append(float(step(*batch_of(6, np.float64, rng))))
+                opt.step()                              # in place, in the shared memory
+        assert all(not isinstance(p.data.base, np.ndarray) or p.data.base.size == p.size
+                   for p in params)                     # private arrays again
+        return losses, [p.data for p in params]
+
+    (one, w_one), (two, w_two) = train(False), train(True)
+    # With stale weights in the child the losses would part from step 2 on.
+    np.testing.assert_allclose(two, one, rtol=1e-12)
+    for a, b in zip(w_two, w_one):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+
+
+@needs_fork
+def test_a_replaced_parameter_is_refused_and_parameters_keep_their_values(two_threads):
+    w = autograd.Tensor(np.arange(4.0).reshape(2, 2), requires_grad=True)
+
+    def loss_fn(x):                                     # a mean over the slice, as the split expects
+        return (autograd.Tensor(x) @ w).mean()
+
+    with GradientSplit([w], loss_fn) as step:
+        shared = w.data
+        w.data[...] += 1                                # in place: fine, and seen by the child
+        loss = step(np.ones((4, 2)))
+        np.testing.assert_allclose(loss, (np.ones((4, 2)) @ (np.arange(4.0).reshape(2, 2) + 1)).mean())
+        np.testing.assert_allclose(w.grad, np.full((2, 2), 0.5))     # 4 rows of ones over 8 values
+        w.data = w.data.copy()                          # replaced: the child would not see it
+        with pytest.raises(RuntimeError, match=r"parameter 0 \(2, 2\) was replaced"):
+            step(np.ones((4, 2)))
+        w.data = shared
+    assert w.data is not shared and np.array_equal(w.data, np.arange(4.0).reshape(2, 2) + 1)
+
+
+@needs_fork
+def test_each_process_draws_its_own_dropout_masks(two_threads):
+    w = autograd.Tensor(np.ones(1), requires_grad=True)
+    p_drop, width = 0.5, 64
+
+    def loss_fn(x):
+        return F.dropout(autograd.Tensor(x) * w, p_drop).mean()
+
+    def kept(seed):                                     # a process's mask over its (1, width) slice
+        return np.random.default_rng(seed).random((1, width)) >= p_drop
+
+    x = np.ones((2, width))
+    with GradientSplit([w], loss_fn) as step:
+        # rng_seed: process k seeds its generator with rng_seed + [k]
+        w.grad = None
+        loss = step(x, rng_seed=[7, 8])
+        expected = sum(0.5 * kept([7, 8, k]).mean() / (1 - p_drop) for k in (0, 1))
+        np.testing.assert_allclose(loss, expected, rtol=1e-12)
+        # Without it: the child's own stream, derived from manual_seed, not a copy of this one's.
+    autograd.manual_seed(3)
+    parent_mask = kept([3, len("cpu")])                 # what this process's generator draws first
+    with GradientSplit([w], loss_fn) as step:
+        w.grad = None
+        loss = step(x)
+    assert not np.isclose(loss, parent_mask.mean() / (1 - p_drop))   # the child did not repeat it
+    autograd.manual_seed(3)
+    with GradientSplit([w], loss_fn) as step:
+        w.grad = None
+        assert step(x) == loss                          # and a seeded run repeats
+
+
+@needs_fork
+def test_gradient_split_refuses_what_cannot_work(two_threads):
+    a = autograd.Tensor(np.ones(2), requires_grad=True)
+    b = autograd.Tensor(np.ones(2, dtype=np.float32), requires_grad=True)
+    with pytest.raises(ValueError, match="one dtype"):
+        with GradientSplit([a, b], lambda x: (autograd.Tensor(x) * a).mean()):
+            pass
+    assert parallel.num_threads() == 2 and a.data.dtype == np.float64
+
+    def loss_fn(x):
+        if (x < 0).any():
+            raise ValueError("negative input")
+        return (autograd.Tensor(x) * a).mean()
+
+    with GradientSplit([a], loss_fn) as step:
+        with autograd.no_grad(), pytest.raises(RuntimeError, match="do not call it under no_grad"):
+            step(np.ones((4, 2)))
+        bad = np.ones((4, 2))
+        bad[3] = -1
+        with pytest.raises(RuntimeError, match="slice 1 failed: ValueError: negative input"):
+            step(bad)
+        a.grad = None
+        np.testing.assert_allclose(step(np.ones((4, 2))), 1.0)
+        np.testing.assert_allclose(a.grad, [0.5, 0.5])                # 4 rows of ones over 8 values
+
+
+@needs_fork
+def test_training_on_two_processes_follows_training_on_one(tmp_path, monkeypatch, private_cache):  # noqa: F811
+    from test_train import arrays, MICRO
+    from tinyddpm import unet
+    from tinyddpm.cli import main
+
+    # No dropout: with it, the masks depend on the number of processes too.
+    monkeypatch.setitem(unet.PRESETS, "micro", dict(MICRO, dropout=0.0))
+    children = count_children(monkeypatch, GradientSplit)
+
+    def run(n_threads, out):
+        before = parallel.num_threads()
+        parallel.set_num_threads(n_threads)
+        try:
+            assert main(["train", "--preset", "micro", "--steps", "3", "--batch-size", "4", "--out", str(out),
+                         "--lr", "0.01", "--warmup", "0", "--sample-n", "1", "--sample-steps", "1"]) == 0
+        finally:
+            parallel.set_num_threads(before)
+        return arrays(out / "checkpoint.npz")
+
+    one, two = run(1, tmp_path / "one"), run(2, tmp_path / "two")
+    assert children == [0, 1]
+    weights = [k for k in one if k.startswith("model/")]
+    assert weights and set(one) == set(two)
+    for k in weights:
+        # Rounding apart, through Adam: it divides by sqrt(v), so where a gradient is near
+        # zero its last bits move that weight by a small fraction of the step size (lr 0.01).
+        np.testing.assert_allclose(two[k], one[k], rtol=1e-4, atol=1e-4, err_msg=k)
