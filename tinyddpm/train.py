@@ -26,6 +26,16 @@ reseeds them from (seed, step): the data order is still restored exactly
 and the continuation is reproducible, but not identical to an
 uninterrupted run.
 
+Cores. On a CPU with several, each step's batch is split over as many
+processes (autograd/processes.py, GradientSplit; Python threads would queue
+for the interpreter lock): the t and eps are drawn for the whole batch as
+before, each process takes a slice, and the gradients are summed. Each
+process then draws its dropout masks from a generator seeded by (seed,
+step, process), so a resumed run repeats them. The result depends on the
+number of processes (the kernels' thread count) in its rounding, and, with
+dropout, in its masks: resuming on a machine with as many cores gives the
+same bit-identical checkpoints as above.
+
 Stopping. A non-finite loss or gradient stops the run at once without
 saving (the last good checkpoint stays). Ctrl-C or SIGTERM finish the
 current step, save a checkpoint and return; a second Ctrl-C stops at once.
@@ -47,7 +57,7 @@ import numpy as np
 import autograd
 from autograd import backend
 from autograd.optim import EMA, Adam, clip_grad_norm
-from autograd.processes import BatchSplit
+from autograd.processes import BatchSplit, GradientSplit
 from tinyddpm import schedule
 from tinyddpm.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from tinyddpm.config import TrainConfig
@@ -372,6 +382,9 @@ def train(plan, reporter=None):
     (out / CONFIG).write_text(config.to_json() + "\n")
 
     saved = {"step": start if plan.checkpoint is not None else None}
+    # The loss and backward of a batch, split over processes inside its block.
+    grads = GradientSplit(params, lambda x_t, t, noise: diffusion.eps_loss(model, x_t, t, noise),
+                          device=device)
 
     def save(step):
         save_checkpoint(out / CHECKPOINT, model, ema, optimizer, step,
@@ -391,20 +404,23 @@ def train(plan, reporter=None):
                   f"writing to {out}")
     reporter.begin(start, config.steps)
     try:
-        with StopRequest() as stop:
+        with StopRequest() as stop, grads:
             while step < config.steps:
                 began = time.perf_counter()
                 x0 = backend.to_device(batches.next(), device)           # the one transfer of the step
                 optimizer.lr = learning_rate(config, step + 1)
-                loss = diffusion.loss(model, x0, noise_rng)
+                x_t, t, noise = diffusion.loss_inputs(x0, noise_rng)    # for the whole batch, split or not
                 optimizer.zero_grad()
-                loss.backward()
+                # Split: each process seeds its dropout masks from (seed, step); one process
+                # keeps drawing from the global generator, whose state the checkpoint stores.
+                loss = grads(x_t, t, noise,
+                             rng_seed=[config.seed, DROPOUT_STREAM, step] if grads.children else None)
                 # Reading the loss on the host waits for the GPU. Read only once the backward is
                 # queued, so the device never idles while Python queues it; a NaN has then made
                 # NaN gradients, and nothing is updated before the checks below. The total norm
                 # (clip_grad_norm leaves it on the device), read right after, is the step's only
                 # other host sync: both are checked before the optimizer touches a weight.
-                loss_value = float(loss.data)
+                loss_value = float(loss)
                 if not math.isfinite(loss_value):
                     return _diverged("loss", loss_value, step + 1, out, saved["step"])
                 grad_norm = float(clip_grad_norm(params, config.grad_clip))
