@@ -7,10 +7,11 @@
   backward, gradient-norm clipping, Adam, EMA update: what `tinyddpm train`
   does per batch, minus data loading.
 - sample step: one UNet forward under no_grad (one step of Algorithm 2 is
-  this plus a few element-wise operations). On a CPU with more than one
-  thread it runs as the sampler runs it: the batch split over as many
-  processes (autograd/processes.py, BatchSplit), each on one thread;
-  `--no-split` runs it on the kernel threads of one process instead.
+  this plus a few element-wise operations).
+On a CPU with more than one thread both run as `tinyddpm train` and the
+sampler run them: the batch split over as many processes, each on one
+thread (autograd/processes.py: GradientSplit, BatchSplit); `--no-split`
+runs them on the kernel threads of one process instead.
 Each is warmed up, then timed `--rounds` times; medians are reported. With
 `--compare-torch` (run it with a Python that has torch, e.g.
 .torchvenv/bin/python) an equivalent PyTorch model, written below with the
@@ -43,7 +44,7 @@ from common import emit_json, set_threads, machine_header, print_table, quartile
 import autograd  # noqa: E402
 from autograd import backend  # noqa: E402
 from autograd.optim import EMA, Adam, clip_grad_norm  # noqa: E402
-from autograd.processes import BatchSplit  # noqa: E402
+from autograd.processes import BatchSplit, GradientSplit  # noqa: E402
 from tinyddpm.diffusion import GaussianDiffusion  # noqa: E402
 from tinyddpm.schedule import linear_betas  # noqa: E402
 from tinyddpm.unet import PRESETS, UNet  # noqa: E402
@@ -67,27 +68,35 @@ def tinyddpm_steps(preset, batch, device, seed=0):
                            .astype(np.float32), device)
     t_mid = backend.to_device(np.full(batch, T // 2), device)
 
-    def train_step():
+    # As `tinyddpm train` and the sampler run them: the batch split over
+    # processes inside `with train_step.split:` / `with sample_step.split:`;
+    # outside such a block the same calls run the whole batch here, on the
+    # kernel threads. Each sets the model's mode itself, in whichever process.
+    def train_loss(x_t, t, noise):
         model.train()
-        loss = diffusion.loss(model, x0, rng)
+        return diffusion.eps_loss(model, x_t, t, noise)
+
+    def eval_forward(x, t):
+        model.eval()
+        return model(x, t)
+
+    grads = GradientSplit(params, train_loss, device=device)
+    net = BatchSplit(eval_forward, device=device)
+
+    def train_step():
+        x_t, t, noise = diffusion.loss_inputs(x0, rng)
         opt.zero_grad()
-        loss.backward()
+        loss = grads(x_t, t, noise)            # the loss, its backward done
         clip_grad_norm(params, GRAD_CLIP)
         opt.step()
         ema.update()
         return loss
 
-    # The sampler's way (tinyddpm/sample.py): the batch split over processes,
-    # inside `with sample_step.batch_split:`; outside such a block the same
-    # call runs the whole batch here, on the kernel threads.
-    net = BatchSplit(model, device=device)
-
     def sample_step():
-        model.eval()
         with autograd.no_grad():
             return net(autograd.Tensor(x0), t_mid)
 
-    sample_step.batch_split = net
+    train_step.split, sample_step.split = grads, net
     sync = (lambda: backend.cupy.cuda.Device().synchronize()) if device == "cuda" else None
     return train_step, sample_step, sum(p.size for p in params), sync
 
@@ -250,9 +259,9 @@ def _status_mb(field, pid="self"):
 def memory_child(impl, which, preset, batch, device, threads, split):
     """Runs in the subprocess: build, run `which` 3 times, print the peaks as JSON.
 
-    A sampling step split over processes counts every process: the sum of
-    their peaks (pages the fork left shared count once per process, so the
-    sum errs high).
+    A step split over processes counts every process: the sum of their
+    peaks (pages the fork left shared count once per process, so the sum
+    errs high).
     """
     torch = torch_or_none(threads) if impl == "torch" else None
     train, sample, _, sync = (torch_steps(torch, preset, batch, device) if impl == "torch"
@@ -262,7 +271,7 @@ def memory_child(impl, which, preset, batch, device, threads, split):
     pool = backend.cupy.get_default_memory_pool() if (device == "cuda" and impl != "torch") else None
     if pool is not None:
         pool.free_all_blocks()
-    block = getattr(fn, "batch_split", None) if split else None
+    block = getattr(fn, "split", None) if split else None
     before = _status_mb("VmRSS")
     with block or contextlib.nullcontext():
         for _ in range(3):
@@ -410,8 +419,8 @@ def main():
     p.add_argument("--profile", action="store_true", help="print a per-op profile of one train step")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--no-split", action="store_true",
-                   help="sampling step on the kernel threads of one process, not split over processes "
-                        "as the sampler does (autograd/processes.py)")
+                   help="tinyddpm's steps on the kernel threads of one process, not split over "
+                        "processes as `tinyddpm train` and the sampler run them (autograd/processes.py)")
     p.add_argument("--tf32", action="store_true",
                    help="cuda: float32 products on TF32 tensor cores, for both (default: full float32 for "
                         "both; PyTorch's own default would run its cuDNN convolutions in TF32). tinyddpm's "
@@ -445,16 +454,16 @@ def main():
             s()
 
     rows = []
-    split = impls["tinyddpm"][1].batch_split
     for which, index in (("train", 0), ("sample", 1)):
-        # Open only around the sampling rounds: it holds this process at one thread.
-        with split if (which == "sample" and not a.no_split) else contextlib.nullcontext():
+        # Each step's block is open only around its own rounds: it holds this
+        # process at one thread, and its children at the weights of the fork.
+        split = impls["tinyddpm"][index].split
+        with contextlib.nullcontext() if a.no_split else split:
             times = time_rounds({name: fns[index] for name, fns in impls.items()}, a.rounds, sync=sync)
         med = {name: statistics.median(ts) for name, ts in times.items()}
         row = {"bench": "step", "preset": a.preset, "batch": a.batch, "device": a.device, "step": which,
                "tf32": a.tf32, "params": impls["tinyddpm"][2], "rounds": a.rounds,
-               "tinyddpm_processes": (split.processes if which == "sample" and a.device == "cpu"
-                                      and not a.no_split else 1)}
+               "tinyddpm_processes": 1 if a.no_split or a.device != "cpu" else split.processes}
         for name in impls:
             row[f"{name}_s"] = med[name]
             if not a.no_memory:
@@ -478,7 +487,7 @@ def main():
     print(f"{a.preset}, batch {a.batch}, {a.device}{' (TF32)' if a.tf32 else ''}, median of {a.rounds}; "
           f"BLAS: {header['blas']}; "
           f"tinyddpm: {a.threads} threads" + ("" if a.no_split or a.device != "cpu" or a.threads < 2 else
-                                              f" (sampling: {a.threads} processes of 1 thread)")
+                                              f" (as {a.threads} processes of 1 thread)")
           + f"; torch: {header['torch']} ({a.threads} threads)")
     cols = [("step", "step", "{}"), ("tinyddpm_s", "tinyddpm s", "{:.3f}")]
     if torch:
