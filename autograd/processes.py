@@ -30,7 +30,9 @@ the product's width, i.e. on how many images a process gets; sums over the
 batch (the gradients) are added in another order.
 
 How: entering the block forks processes - 1 children (Linux only; elsewhere,
-on a GPU, or with one process, everything runs here, unsplit). A call cuts
+on a GPU, or with one process, everything runs here, unsplit). How many
+processes: as many as the kernels have threads, or TINYDDPM_PROCESSES from
+the environment (1 turns the split off and leaves the threads as they were). A call cuts
 every argument along axis 0 into `processes` nearly equal slices, sends
 slices 1.. to the children through pipes (raw bytes and a small JSON
 header: nothing is pickled), works on slice 0 itself, and then puts the
@@ -49,6 +51,7 @@ memory too, and the parent adds them into its own `.grad`.
 import json
 import mmap
 import multiprocessing
+import os
 import signal
 import sys
 
@@ -72,7 +75,7 @@ class _Workers:
         if processes is not None and (not isinstance(processes, int) or isinstance(processes, bool)
                                       or processes < 1):
             raise ValueError(f"processes must be an integer >= 1, got {processes!r}")
-        self.processes = processes if processes is not None else (_cores or parallel.num_threads())
+        self.processes = processes if processes is not None else _default_processes()
         self.device = device
         self.children = []          # (process, connection) per child
         self.threads_before = None  # the kernels' thread count before the block (when it forked)
@@ -347,6 +350,17 @@ class GradientSplit(_Workers):
             if p.grad is not None:
                 row[offset:offset + view.size] = p.grad.ravel()
         return {"loss": float(loss.data), "has_grad": [p.grad is not None for p in self.params]}, []
+
+
+def _default_processes():
+    """TINYDDPM_PROCESSES from the environment (1: no split, threads as before),
+    else as many processes as the kernels have threads."""
+    value = os.environ.get("TINYDDPM_PROCESSES")
+    if value is not None:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"TINYDDPM_PROCESSES must be an integer >= 1, got {value!r}")
+        return int(value)
+    return _cores or parallel.num_threads()
 
 
 def _can_fork():

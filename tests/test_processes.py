@@ -164,6 +164,20 @@ def test_where_it_cannot_or_need_not_fork_calls_go_straight_to_fn(how, two_threa
     assert calls == [(4, 3)]                             # the whole batch, here
 
 
+def test_the_environment_can_set_the_number_of_processes(two_threads, monkeypatch):
+    assert BatchSplit(lambda x: x).processes == 2                 # the kernels' threads
+    monkeypatch.setenv("TINYDDPM_PROCESSES", "1")
+    assert BatchSplit(lambda x: x).processes == 1
+    assert GradientSplit([], lambda x: x).processes == 1
+    monkeypatch.setenv("TINYDDPM_PROCESSES", "3")
+    assert BatchSplit(lambda x: x).processes == 3
+    assert BatchSplit(lambda x: x, processes=2).processes == 2   # an explicit count wins
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("TINYDDPM_PROCESSES", bad)
+        with pytest.raises(ValueError, match="TINYDDPM_PROCESSES must be an integer >= 1"):
+            BatchSplit(lambda x: x)
+
+
 def count_children(monkeypatch, cls):
     """A list that gets, each time a `cls` block opens, how many children it forked."""
     children, real_enter = [], cls.__enter__
