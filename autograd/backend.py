@@ -105,19 +105,17 @@ def seed_global_rng(seed, device="cpu"):
     _global_rngs[device] = default_rng(seed, device)
 
 
-def fork_global_rngs(worker):
+def fork_global_rngs(worker, entropy):
     """In forked worker process number `worker` (1, 2, ...): global generators of its own.
 
     A forked child starts with copies of its parent's generators, so without
-    this its dropout masks would repeat the parent's. Derived from the seed
-    given to manual_seed when there was one (a seeded run stays repeatable),
-    else fresh, as the parent's own.
+    this its dropout masks would repeat the parent's. `entropy` is a number
+    the parent drew from its own generator before the fork: the streams
+    follow from the parent's seed (autograd.manual_seed) and differ from one
+    block of workers to the next.
     """
-    seed = _global_rngs.get("seed")
     _global_rngs.clear()
-    if seed is not None:
-        entropy = np.random.SeedSequence(np.atleast_1d(seed).tolist() + [0x5EED, worker])
-        _global_rngs["seed"] = int(entropy.generate_state(1)[0])
+    _global_rngs["seed"] = int(np.random.SeedSequence([entropy, 0x5EED, worker]).generate_state(1)[0])
 
 
 def global_rng(device="cpu"):

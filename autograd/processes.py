@@ -27,7 +27,8 @@ the whole batch's to rounding: the forward bit for bit at mnist-tiny's
 shapes (batches of 1 to 64 tried), but not always, since OpenBLAS multiplies
 small matrices with other kernels than large ones and the choice depends on
 the product's width, i.e. on how many images a process gets; sums over the
-batch (the gradients) are added in another order.
+batch (the gradients) are added in another order. Random draws inside fn
+differ too: each process has generators of its own (dropout's masks).
 
 How: entering the block forks processes - 1 children (Linux only; elsewhere,
 on a GPU, or with one process, everything runs here, unsplit). How many
@@ -41,8 +42,9 @@ the parent's thread count is 1 inside the block and restored after it. The
 children ignore Ctrl-C (the parent stops them when its block ends) and exit
 when their pipe closes, so a parent that dies takes them with it.
 
-What the children know of the model is what the fork gave them. BatchSplit
-is for fixed weights (sampling): they must not change inside its block.
+What the children know of the model is what the fork gave them: its
+weights, and its mode (train or eval) and any other state. BatchSplit is
+for fixed weights (sampling): they must not change inside its block.
 GradientSplit moves the parameters into memory shared with the children
 when the block opens, so an optimizer step in the parent is what the
 children compute with next; each child writes its gradients into shared
@@ -62,14 +64,20 @@ from .tensor import Tensor, is_grad_enabled, no_grad
 
 # The kernels' thread count before the outermost open block set it to 1: the
 # default number of processes of a block opened inside another (a training
-# run's preview samples), which would otherwise read 1.
+# run's preview samples), which would otherwise read 1. Blocks nest: one
+# opened inside another closes before it (as `with` statements do).
 _cores = None
+# This process's ends of every open block's pipes. A forked child inherits
+# copies of them all and closes them first thing: a pipe reaches its end
+# (and the child waiting on it exits) only once no process holds the
+# parent's end open, so that a parent that dies takes its children with it.
+_parent_ends = set()
+# Signals the children ignore: the parent handles them and ends the block.
+_PARENTS_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 class _Workers:
     """Forked children and the pipes to them: what both kinds of split share."""
-
-    name = "split"
 
     def __init__(self, processes, device):
         if processes is not None and (not isinstance(processes, int) or isinstance(processes, bool)
@@ -85,7 +93,7 @@ class _Workers:
         return self.processes > 1 and self.device == "cpu" and _can_fork()
 
     def _start(self, serve):
-        """Fork processes - 1 children, child k running serve(connection, k)."""
+        """Fork processes - 1 children, child k running serve(request, k) on each request."""
         global _cores
         if self.children:
             raise RuntimeError(f"{type(self).__name__}: this block is already open")
@@ -93,38 +101,58 @@ class _Workers:
         self.set_cores = _cores is None
         if self.set_cores:
             _cores = self.threads_before
+        # set_num_threads(1) ends the kernel pool's threads; OpenBLAS may keep one of
+        # its own, idle: the children run only NumPy and our kernels, whose locks
+        # (parallel.py's, through os.register_at_fork) start free after a fork.
         parallel.set_num_threads(1)
+        # Each block's children draw from streams of their own (backend.fork_global_rngs),
+        # seeded from the parent's generator: a second block does not replay the first's.
+        entropy = int(backend.global_rng(self.device).integers(2 ** 63))
         context = multiprocessing.get_context("fork")
+        # Ctrl-C or SIGTERM held back while forking: a child inherits the mask and
+        # lets them through only once it ignores them (a signal in between would
+        # otherwise kill it); this process gets them when the mask is restored.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _PARENTS_SIGNALS)
         try:
             for k in range(1, self.processes):
                 here, there = context.Pipe()
-                child = context.Process(target=_child_main, args=(serve, there, k), daemon=True)
+                _parent_ends.add(here)      # before the fork: the child closes its copy
+                child = context.Process(target=_child_main, args=(serve, there, k, entropy), daemon=True)
                 child.start()
                 there.close()               # the child's end: only the child keeps it open
                 self.children.append((child, here))
         except BaseException:
             self._stop()
             raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def _stop(self):
+        """Ask every child to stop and wait for it; then the threads as before the block."""
         global _cores
         for child, conn in self.children:
             try:
                 conn.send_bytes(b"{}")          # an empty request: stop
             except OSError:
                 pass                            # already gone
-            conn.close()
-        for child, conn in self.children:
-            child.join(timeout=5)
-            if child.is_alive():
-                child.terminate()
-                child.join()
-        self.children = []
+        self._close(wait=5)
         if self.threads_before is not None:
             parallel.set_num_threads(self.threads_before)
             if self.set_cores:
                 _cores = None
             self.threads_before = None
+
+    def _close(self, wait):
+        """Close the pipes (a child waiting on one exits), give each child `wait` seconds, then kill it."""
+        for child, conn in self.children:
+            _parent_ends.discard(conn)
+            conn.close()
+        for child, conn in self.children:
+            child.join(timeout=wait)
+            if child.is_alive():
+                child.kill()                    # SIGKILL: the children ignore SIGINT and SIGTERM
+                child.join()
+        self.children = []
 
     def _slices(self, args):
         """(arrays, bounds) for a call, or None when it runs here unsplit."""
@@ -140,28 +168,42 @@ class _Workers:
         parts = min(len(self.children) + 1, batch)
         if parts < 2:
             return None
-        # Slice k of every argument: rows bounds[k]:bounds[k+1], as np.array_split cuts.
+        # Slice k of every argument: rows bounds[k]:bounds[k+1], sizes differing by at most one.
         return arrays, [batch * k // parts for k in range(parts + 1)]
 
-    def _ask(self, args, arrays, bounds, extra):
-        """Send slices 1.. to the children: [(k, connection)] of those that got one, and
-        {k: error} for those already gone."""
-        tensors = [isinstance(a, Tensor) for a in args]
-        asked, failed = [], {}
-        for k, (_, conn) in enumerate(self.children[:len(bounds) - 2], start=1):
-            try:
-                _send(conn, [a[bounds[k]:bounds[k + 1]] for a in arrays], tensors, extra(k))
-                asked.append((k, conn))
-            except OSError:
-                failed[k] = _EXITED
-        return asked, failed
+    def _exchange(self, args, arrays, bounds, fields, own_work):
+        """Send slice k (k >= 1) with fields(k) to child k, run own_work() on slice 0
+        here meanwhile, and collect the children's replies: (own result, {k: reply}).
 
-    @staticmethod
-    def _raise_failures(replies):
+        If own_work raises, the replies are still read before the error goes on, so
+        that the next call does not read this one's. If the exchange itself is cut
+        short (Ctrl-C while waiting, a broken pipe mid-message), replies may be left
+        in the pipes: the children are stopped then, and later calls of the block
+        run here, unsplit.
+        """
+        tensors = [isinstance(a, Tensor) for a in args]
+        replies, asked, drained = {}, [], False
+        try:
+            for k, (_, conn) in enumerate(self.children[:len(bounds) - 2], start=1):
+                try:
+                    _send(conn, [a[bounds[k]:bounds[k + 1]] for a in arrays], tensors, fields(k))
+                    asked.append((k, conn))
+                except OSError:
+                    replies[k] = _EXITED
+            try:
+                own = own_work()
+            finally:
+                for k, conn in asked:
+                    replies[k] = _receive(conn)
+                drained = True
+        except BaseException:
+            if not drained:
+                self._close(wait=0)
+            raise
         for k in sorted(replies):
-            header = replies[k]
-            if "error" in header:
-                raise RuntimeError(f"the worker process for slice {k} failed: {header['error']}")
+            if "error" in replies[k]:
+                raise RuntimeError(f"the worker process for slice {k} failed: {replies[k]['error']}")
+        return own, replies
 
 
 _EXITED = {"error": "it exited"}
@@ -203,15 +245,9 @@ class BatchSplit(_Workers):
         if split is None:
             return self.fn(*args)
         arrays, bounds = split
-        asked, replies = self._ask(args, arrays, bounds, lambda k: {})
-        try:
-            own = self.fn(*(_like(arg, a[:bounds[1]]) for arg, a in zip(args, arrays)))
-        finally:
-            # Always collect what the children sent, so that the next call's
-            # replies are not read as this one's.
-            for k, conn in asked:
-                replies[k] = _receive(conn)
-        self._raise_failures(replies)
+        own, replies = self._exchange(
+            args, arrays, bounds, lambda k: {},
+            lambda: self.fn(*(_like(arg, a[:bounds[1]]) for arg, a in zip(args, arrays))))
         own_array = own.data if isinstance(own, Tensor) else own
         out = np.empty((bounds[-1],) + own_array.shape[1:], dtype=own_array.dtype)
         out[:bounds[1]] = own_array
@@ -312,17 +348,15 @@ class GradientSplit(_Workers):
         def extra(k):
             return {"scale": (bounds[k + 1] - bounds[k]) / batch, "rng_seed": rng_seed}
 
-        asked, replies = self._ask(args, arrays, bounds, extra)
-        try:
+        def own_work():
             if rng_seed is not None:
                 backend.seed_global_rng(list(rng_seed) + [0], self.device)
-            own = self.loss_fn(*(_like(arg, a[:bounds[1]]) for arg, a in zip(args, arrays)))
-            own = own * own.dtype.type(bounds[1] / batch)       # this slice's share of the mean
-            own.backward()
-        finally:
-            for k, conn in asked:
-                replies[k] = _receive(conn)
-        self._raise_failures(replies)
+            loss = self.loss_fn(*(_like(arg, a[:bounds[1]]) for arg, a in zip(args, arrays)))
+            loss = loss * loss.dtype.type(bounds[1] / batch)    # this slice's share of the mean
+            loss.backward()
+            return loss
+
+        own, replies = self._exchange(args, arrays, bounds, extra, own_work)
         total = own.data.copy()
         for k in range(1, len(bounds) - 1):                     # in order: the same sums every time
             total += total.dtype.type(replies[k]["loss"])
@@ -413,16 +447,20 @@ def _receive(conn):
     return header
 
 
-def _child_main(serve, conn, k):
+def _child_main(serve, conn, k, entropy):
     """Child k's loop: receive a slice, serve(request, k) -> (fields, arrays) to send
     back, until told to stop or the parent is gone."""
-    # Ctrl-C reaches the whole process group: the parent handles it and ends the
-    # block, which stops this process. SIGTERM back to its default (the parent's
-    # own handler, inherited through the fork, would not end this loop).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for end in _parent_ends:                    # copies the fork made (see _parent_ends)
+        end.close()
+    _parent_ends.clear()
+    # Ctrl-C and a SIGTERM to the whole process group (`timeout`, a batch
+    # scheduler) reach the children too: the parent handles them (tinyddpm
+    # train finishes its step and saves) and ends the block, which stops them.
+    for signum in _PARENTS_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _PARENTS_SIGNALS)    # held back by _start
     parallel.set_num_threads(1)
-    backend.fork_global_rngs(k)
+    backend.fork_global_rngs(k, entropy)
     while True:
         request = _receive(conn)
         if "arrays" not in request:

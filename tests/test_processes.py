@@ -3,6 +3,9 @@ import multiprocessing.reduction
 import os
 import pickle
 import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -25,10 +28,13 @@ needs_fork = pytest.mark.skipif(not processes._can_fork(), reason="BatchSplit fo
 @pytest.fixture
 def two_threads():
     """The kernels on 2 threads for the test (so BatchSplit's default is 2 processes)."""
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.delenv("TINYDDPM_PROCESSES", raising=False)     # the thread count decides
     before = parallel.num_threads()
     parallel.set_num_threads(2)
     yield
     parallel.set_num_threads(before)
+    monkeypatch.undo()
 
 
 def unet_inputs(batch, dtype, seed=0):
@@ -131,6 +137,65 @@ def test_nothing_is_pickled(two_threads, monkeypatch):
     with autograd.no_grad(), BatchSplit(lambda x, t: x * t.reshape(-1, 1)) as net:
         x, t = np.ones((6, 2), dtype=np.float32), np.arange(6)
         assert np.array_equal(net(x, t), x * t.reshape(-1, 1))
+
+
+def _gone(pid):
+    """Whether process pid has exited (reaped, or a zombie nobody has reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except FileNotFoundError:
+        return True
+
+
+@needs_fork
+def test_the_children_exit_when_their_parent_dies(tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from autograd.processes import BatchSplit\n"
+        "with BatchSplit(lambda x: x, processes=3) as net:\n"
+        "    print(' '.join(str(c.pid) for c, _ in net.children), flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    children = [int(pid) for pid in done.stdout.split()]
+    assert len(children) == 2
+    deadline = time.monotonic() + 20
+    while not all(_gone(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(_gone(pid) for pid in children), "orphaned children still running"
+
+
+@needs_fork
+def test_the_children_leave_ctrl_c_and_sigterm_to_the_parent(two_threads):
+    with autograd.no_grad(), BatchSplit(lambda x: x + 1) as net:
+        child = net.children[0][0]
+        os.kill(child.pid, signal.SIGINT)
+        os.kill(child.pid, signal.SIGTERM)
+        x = np.zeros((4, 1))
+        assert np.array_equal(net(x), x + 1) and child.is_alive()
+    assert not child.is_alive()
+
+
+@needs_fork
+def test_an_exchange_cut_short_stops_the_children_and_the_block_goes_on_unsplit(two_threads, monkeypatch):
+    with autograd.no_grad(), BatchSplit(lambda x: x * 2) as net:
+        child = net.children[0][0]
+        real_receive = processes._receive
+
+        def interrupted(conn):                      # this process only: the child forked before
+            monkeypatch.setattr(processes, "_receive", real_receive)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(processes, "_receive", interrupted)
+        x = np.arange(6.0).reshape(6, 1)
+        with pytest.raises(KeyboardInterrupt):
+            net(x)
+        assert net.children == [] and not child.is_alive()   # its reply was never read
+        assert np.array_equal(net(x), x * 2)                  # so the block runs here now
+    assert parallel.num_threads() == 2
 
 
 def test_bad_calls_are_refused_with_a_clear_error(two_threads):
@@ -303,17 +368,25 @@ def test_each_process_draws_its_own_dropout_masks(two_threads):
         loss = step(x, rng_seed=[7, 8])
         expected = sum(0.5 * kept([7, 8, k]).mean() / (1 - p_drop) for k in (0, 1))
         np.testing.assert_allclose(loss, expected, rtol=1e-12)
-        # Without it: the child's own stream, derived from manual_seed, not a copy of this one's.
+
+    # Without it: entering the block draws a number from this process's generator,
+    # and the child's stream is seeded from it (backend.fork_global_rngs), so it
+    # neither copies this one's nor repeats from block to block.
+    def child_mask(entropy):
+        seed = int(np.random.SeedSequence([entropy, 0x5EED, 1]).generate_state(1)[0])
+        return kept([seed, len("cpu")])
+
     autograd.manual_seed(3)
-    parent_mask = kept([3, len("cpu")])                 # what this process's generator draws first
-    with GradientSplit([w], loss_fn) as step:
-        w.grad = None
-        loss = step(x)
-    assert not np.isclose(loss, parent_mask.mean() / (1 - p_drop))   # the child did not repeat it
-    autograd.manual_seed(3)
-    with GradientSplit([w], loss_fn) as step:
-        w.grad = None
-        assert step(x) == loss                          # and a seeded run repeats
+    mine = np.random.default_rng([3, len("cpu")])        # this process's generator, replayed
+    losses = []
+    for block in range(2):
+        entropy = int(mine.integers(2 ** 63))
+        own_mask = mine.random((1, width)) >= p_drop
+        with GradientSplit([w], loss_fn) as step:
+            w.grad = None
+            losses.append(float(step(x)))
+        expected = 0.5 * own_mask.mean() / (1 - p_drop) + 0.5 * child_mask(entropy).mean() / (1 - p_drop)
+        np.testing.assert_allclose(losses[-1], expected, rtol=1e-12, err_msg=f"block {block}")
 
 
 @needs_fork

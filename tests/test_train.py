@@ -96,6 +96,17 @@ def test_resume_is_bit_identical(one_go, tmp_path):
     assert (tmp_path / f"samples-{STEPS:06d}.png").is_file()
 
 
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_resume_is_bit_identical_whether_split_over_processes_or_not(processes, tmp_path, monkeypatch):
+    # One process draws the dropout masks from the global generator, whose state the
+    # checkpoint keeps; split, each process seeds them from (seed, step, process).
+    monkeypatch.setenv("TINYDDPM_PROCESSES", processes)
+    assert run(tmp_path / "one-go") == 0
+    assert run(tmp_path / "resumed", steps=STEPS // 2) == 0
+    assert run(tmp_path / "resumed", "--resume") == 0
+    assert_identical(tmp_path / "one-go" / "checkpoint.npz", tmp_path / "resumed" / "checkpoint.npz")
+
+
 def test_resume_takes_the_configuration_from_the_checkpoint(one_go, tmp_path):
     shutil.copy(one_go / "checkpoint.npz", tmp_path)
     assert main(["train", "--out", str(tmp_path), "--resume", "--steps", str(STEPS + 1),

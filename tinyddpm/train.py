@@ -33,8 +33,8 @@ before, each process takes a slice, and the gradients are summed. Each
 process then draws its dropout masks from a generator seeded by (seed,
 step, process), so a resumed run repeats them. The result depends on the
 number of processes (the kernels' thread count) in its rounding, and, with
-dropout, in its masks: resuming on a machine with as many cores gives the
-same bit-identical checkpoints as above.
+dropout, in its masks: resuming with as many processes gives the same
+bit-identical checkpoints as above (TINYDDPM_PROCESSES sets the number).
 
 Stopping. A non-finite loss or gradient stops the run at once without
 saving (the last good checkpoint stays). Ctrl-C or SIGTERM finish the
@@ -411,8 +411,8 @@ def train(plan, reporter=None):
                 optimizer.lr = learning_rate(config, step + 1)
                 x_t, t, noise = diffusion.loss_inputs(x0, noise_rng)    # for the whole batch, split or not
                 optimizer.zero_grad()
-                # Split: each process seeds its dropout masks from (seed, step); one process
-                # keeps drawing from the global generator, whose state the checkpoint stores.
+                # Split, each process seeds its dropout masks from (seed, step, process); unsplit,
+                # they come from the global generator, whose state the checkpoint stores.
                 loss = grads(x_t, t, noise,
                              rng_seed=[config.seed, DROPOUT_STREAM, step] if grads.children else None)
                 # Reading the loss on the host waits for the GPU. Read only once the backward is
