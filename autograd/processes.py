@@ -50,9 +50,11 @@ when the block opens, so an optimizer step in the parent is what the
 children compute with next; each child writes its gradients into shared
 memory too, and the parent adds them into its own `.grad`.
 """
+import atexit
 import json
 import mmap
 import multiprocessing
+import multiprocessing.util  # noqa: F401  (registers its exit handler before ours: see below)
 import os
 import signal
 import sys
@@ -67,13 +69,28 @@ from .tensor import Tensor, is_grad_enabled, no_grad
 # run's preview samples), which would otherwise read 1. Blocks nest: one
 # opened inside another closes before it (as `with` statements do).
 _cores = None
-# This process's ends of every open block's pipes. A forked child inherits
-# copies of them all and closes them first thing: a pipe reaches its end
-# (and the child waiting on it exits) only once no process holds the
-# parent's end open, so that a parent that dies takes its children with it.
+# This process's ends of every open block's pipes. Any forked process
+# inherits copies of them all and closes them at once (_close_parent_ends): a
+# pipe reaches its end (and the child waiting on it exits) only once no
+# process holds the parent's end open, so a parent that dies takes its
+# children with it.
 _parent_ends = set()
-# Signals the children ignore: the parent handles them and ends the block.
+# Signals for the parent to handle, held back while forking (see _start).
 _PARENTS_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _close_parent_ends():
+    for end in _parent_ends:
+        end.close()
+    _parent_ends.clear()
+
+
+if hasattr(os, "register_at_fork"):                 # not on Windows, which cannot fork
+    os.register_at_fork(after_in_child=_close_parent_ends)
+# At exit, before multiprocessing ends its daemon children (its handler was
+# registered at its import, above, and atexit runs the last registered
+# first): a block left open then ends with its children's pipes.
+atexit.register(_close_parent_ends)
 
 
 class _Workers:
@@ -109,33 +126,52 @@ class _Workers:
         # seeded from the parent's generator: a second block does not replay the first's.
         entropy = int(backend.global_rng(self.device).integers(2 ** 63))
         context = multiprocessing.get_context("fork")
-        # Ctrl-C or SIGTERM held back while forking: a child inherits the mask and
-        # lets them through only once it ignores them (a signal in between would
-        # otherwise kill it); this process gets them when the mask is restored.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _PARENTS_SIGNALS)
         try:
-            for k in range(1, self.processes):
-                here, there = context.Pipe()
-                _parent_ends.add(here)      # before the fork: the child closes its copy
-                child = context.Process(target=_child_main, args=(serve, there, k, entropy), daemon=True)
-                child.start()
-                there.close()               # the child's end: only the child keeps it open
-                self.children.append((child, here))
+            # Ctrl-C and SIGTERM held back while forking: a child leaves its parent's
+            # process group (so that a signal to the group, from the terminal or from
+            # `timeout`, reaches the parent alone) before it lets them through. One
+            # that came meanwhile is raised here when the mask is restored, and the
+            # children forked so far are stopped below.
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, _PARENTS_SIGNALS)
+            try:
+                for k in range(1, self.processes):
+                    here, there = context.Pipe()
+                    child = context.Process(target=_child_main, args=(serve, there, k, entropy),
+                                            daemon=True)
+                    # Listed before it starts, so that whatever interrupts from here on
+                    # (a Ctrl-C that another thread of this process took is raised at
+                    # any line) finds it in the list that _stop ends; its pipe end is
+                    # registered before the fork, for the child to close its copy.
+                    self.children.append((child, here))
+                    _parent_ends.add(here)
+                    try:
+                        child.start()
+                    finally:
+                        there.close()           # the child's end: only the child keeps it open
+                    try:                        # out of this process group by the time
+                        os.setpgid(child.pid, child.pid)    # __enter__ returns
+                    except OSError:
+                        pass                    # it moved itself already (or died: seen later)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         except BaseException:
             self._stop()
             raise
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def _stop(self):
         """Ask every child to stop and wait for it; then the threads as before the block."""
+        try:
+            for child, conn in self.children:
+                try:
+                    conn.send_bytes(b"{}")      # an empty request: stop
+                except OSError:
+                    pass                        # already gone
+            self._close(wait=5)
+        finally:
+            self._restore_threads()
+
+    def _restore_threads(self):
         global _cores
-        for child, conn in self.children:
-            try:
-                conn.send_bytes(b"{}")          # an empty request: stop
-            except OSError:
-                pass                            # already gone
-        self._close(wait=5)
         if self.threads_before is not None:
             parallel.set_num_threads(self.threads_before)
             if self.set_cores:
@@ -148,9 +184,12 @@ class _Workers:
             _parent_ends.discard(conn)
             conn.close()
         for child, conn in self.children:
+            if child.pid is None:
+                continue                        # never started (or cut short inside start():
+                                                # then it sees its pipe end and exits)
             child.join(timeout=wait)
             if child.is_alive():
-                child.kill()                    # SIGKILL: the children ignore SIGINT and SIGTERM
+                child.kill()
                 child.join()
         self.children = []
 
@@ -197,8 +236,9 @@ class _Workers:
                     replies[k] = _receive(conn)
                 drained = True
         except BaseException:
-            if not drained:
+            if not drained:                     # the rest of the block runs here, unsplit
                 self._close(wait=0)
+                self._restore_threads()
             raise
         for k in sorted(replies):
             if "error" in replies[k]:
@@ -450,14 +490,14 @@ def _receive(conn):
 def _child_main(serve, conn, k, entropy):
     """Child k's loop: receive a slice, serve(request, k) -> (fields, arrays) to send
     back, until told to stop or the parent is gone."""
-    for end in _parent_ends:                    # copies the fork made (see _parent_ends)
-        end.close()
-    _parent_ends.clear()
-    # Ctrl-C and a SIGTERM to the whole process group (`timeout`, a batch
-    # scheduler) reach the children too: the parent handles them (tinyddpm
-    # train finishes its step and saves) and ends the block, which stops them.
-    for signum in _PARENTS_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+    # Out of the parent's process group: Ctrl-C in a terminal and a SIGTERM to the
+    # group (`timeout`, a batch scheduler) reach the parent alone, which handles
+    # them (tinyddpm train finishes its step and saves) and ends the block, which
+    # stops this process. SIGTERM sent to this process itself still ends it
+    # (multiprocessing ends daemon children so at exit); SIGINT is ignored.
+    os.setpgid(0, 0)                            # (the parent does it too: whichever is first)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)   # not the parent's handler, inherited
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _PARENTS_SIGNALS)    # held back by _start
     parallel.set_num_threads(1)
     backend.fork_global_rngs(k, entropy)
