@@ -33,14 +33,16 @@ differ too: each process has generators of its own (dropout's masks).
 How: entering the block forks processes - 1 children (Linux only; elsewhere,
 on a GPU, or with one process, everything runs here, unsplit). How many
 processes: as many as the kernels have threads, or TINYDDPM_PROCESSES from
-the environment (1 turns the split off and leaves the threads as they were). A call cuts
-every argument along axis 0 into `processes` nearly equal slices, sends
-slices 1.. to the children through pipes (raw bytes and a small JSON
-header: nothing is pickled), works on slice 0 itself, and then puts the
-results together in order. Each process runs its kernels on one thread, so
-the parent's thread count is 1 inside the block and restored after it. The
-children ignore Ctrl-C (the parent stops them when its block ends) and exit
-when their pipe closes, so a parent that dies takes them with it.
+the environment (1 turns the split off and leaves the threads as they
+were). A call cuts every argument along axis 0 into `processes` nearly
+equal slices, sends slices 1.. to the children through pipes (raw bytes and
+a small JSON header: nothing is pickled), works on slice 0 itself, and then
+puts the results together in order. Each process runs its kernels on one
+thread, so the parent's thread count is 1 inside the block and restored
+after it. The children leave the parent's process group, so that Ctrl-C or
+a SIGTERM to the group reaches the parent alone (which ends the block and
+with it the children), and exit when their pipe closes, so a parent that
+dies takes them with it.
 
 What the children know of the model is what the fork gave them: its
 weights, and its mode (train or eval) and any other state. BatchSplit is
