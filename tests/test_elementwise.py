@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from autograd import backend
-from autograd.kernels import norm
+from autograd.kernels import conv, norm
 from autograd.optim import _adam_update
 
 
@@ -115,6 +115,7 @@ KERNELS = [
     (norm._normalize_silu, 3, 2, []),
     (norm._silu_grad, 3, 1, []),
     (norm._input_grad, 5, 1, []),
+    (conv._add_two, 3, 0, ["a0"]),     # a convolution's bias and `add`, into its output
     # Adam updates p, m and v in place: a GPU has no other way to hand them back.
     (_adam_update, 10, 0, ["m", "m", "v", "v", "p"]),
 ]

@@ -188,6 +188,8 @@ def conv2d_forward(x, w, stride=1, padding=0, bias=None, add=None):
     the thread pool, instead of in a pass of its own over y (the UNet's
     time-embedding shift and its residual connections).
     """
+    if backend.is_cuda_array(x):
+        return conv2d_forward_gpu(x, w, stride, padding, bias, add)
     xp = get_array_module(x, w)
     B, C, H, W = x.shape
     O, _, kh, kw = w.shape
@@ -347,6 +349,8 @@ def conv2d_backward(grad, x, w, stride=1, padding=0, need_x=True, need_w=True, n
 
     Each is None unless asked for (need_x, need_w, need_b).
     """
+    if backend.is_cuda_array(x):
+        return conv2d_backward_gpu(grad, x, w, stride, padding, need_x, need_w, need_b)
     xp = get_array_module(grad, x, w)
     B, C, H, W = x.shape
     O, _, kh, kw = w.shape
@@ -550,3 +554,226 @@ def upsample_nearest2d_backward_reference(grad, scale):
     """The same sum written as a reduction over each block."""
     B, C, Hs, Ws = grad.shape
     return grad.reshape(B, C, Hs // scale, scale, Ws // scale, scale).sum(axis=(3, 5))
+
+
+# =============================================================================
+# On a GPU: one patch gather, one product per chunk
+# =============================================================================
+# The CPU path above is shaped by a core's cache: chunks of a few images, rows
+# copied as long runs, zero fills afterwards. On a GPU each of those NumPy-
+# style calls is a kernel launch, and a training step measured on an H100
+# (batch 128, mnist preset) spent as long issuing kernels as running them:
+# the host, not the GPU, set the pace. So on CuPy a convolution is a few
+# launches whatever its shape:
+# - forward: one kernel gathers the patches of a chunk of images (im2col,
+#   written below in CUDA C++), one batched product per chunk writes straight
+#   into the NCHW output (the weights the same for every image: batch stride
+#   0, no copy), then the bias and `add` in one pass;
+# - backward: dL/dy once transposed to (O, images, pixels), so that dL/dw is
+#   ONE product over every image and pixel of a chunk (accumulated over
+#   chunks by cuBLAS's beta = 1), and dL/dx the adjoint of the gather
+#   (col2im: each input pixel sums the patch gradients that read it, a
+#   gather again, so no atomic additions and a fixed order) of one product.
+# A 1x1 convolution needs no gather in the forward (the image is its own
+# patch matrix) and none for dL/dx.
+# Every function here also runs on NumPy (the gather as a strided view), which
+# is how the CPU-only tests check the layout arithmetic; tests/gpu compares the
+# CUDA kernels with it.
+
+_GPU_SOURCE = r"""
+// cols[b * image_stride + ((c * kh + u) * kw + v) * row_stride + i * Wo + j]
+//     = x[b, c, i * stride + u - pad, j * stride + v - pad]   (0 outside the image)
+template <typename T>
+__global__ void im2col(const T* x, T* cols, int C, int H, int W, int kh, int kw, int stride,
+                       int pad, int Ho, int Wo, long long image_stride, long long row_stride,
+                       long long total) {
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)blockDim.x * gridDim.x) {
+        int j = (int)(idx % Wo);
+        long long t = idx / Wo;
+        int i = (int)(t % Ho); t /= Ho;
+        int v = (int)(t % kw); t /= kw;
+        int u = (int)(t % kh); t /= kh;
+        int c = (int)(t % C);
+        long long b = t / C;
+        int h = i * stride + u - pad, w = j * stride + v - pad;
+        T value = (h >= 0 && h < H && w >= 0 && w < W) ? x[((b * C + c) * H + h) * W + w] : T(0);
+        cols[b * image_stride + ((c * kh + u) * kw + v) * row_stride + (long long)i * Wo + j] = value;
+    }
+}
+
+// The adjoint: x[b, c, h, w] = the sum of the cols entries that im2col filled from it,
+// in the order of (u, v), one thread per input value.
+template <typename T>
+__global__ void col2im(const T* cols, T* x, int C, int H, int W, int kh, int kw, int stride,
+                       int pad, int Ho, int Wo, long long image_stride, long long row_stride,
+                       long long total) {
+    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)blockDim.x * gridDim.x) {
+        int w = (int)(idx % W);
+        long long t = idx / W;
+        int h = (int)(t % H); t /= H;
+        int c = (int)(t % C);
+        long long b = t / C;
+        const T* image = cols + b * image_stride;
+        T sum = T(0);
+        for (int u = 0; u < kh; ++u) {
+            int hi = h + pad - u;                  // = i * stride for the output row i that read it
+            if (hi < 0 || hi % stride != 0 || hi / stride >= Ho) continue;
+            for (int v = 0; v < kw; ++v) {
+                int wj = w + pad - v;
+                if (wj < 0 || wj % stride != 0 || wj / stride >= Wo) continue;
+                sum += image[((c * kh + u) * kw + v) * row_stride + (long long)(hi / stride) * Wo + wj / stride];
+            }
+        }
+        x[idx] = sum;
+    }
+}
+"""
+
+# Bytes of one chunk's patch matrix on a GPU: few, large products, and the
+# memory for the patches of the whole batch bounded (at batch 128, the mnist
+# UNet's largest is 690 MB).
+_GPU_CHUNK_BYTES = 256 << 20
+
+
+def _gpu_chunk(B, per_image_values, itemsize):
+    return max(1, min(B, _GPU_CHUNK_BYTES // max(1, per_image_values * itemsize)))
+
+
+def _cols_strides(cols):
+    """(image stride, row stride) of a patch matrix laid out (n, K, P) or (K, n, P)."""
+    return cols.strides[0] // cols.itemsize, cols.strides[1] // cols.itemsize
+
+
+def gather_patches(x, kh, kw, stride, padding, cols, images_first):
+    """Fill cols with the patches of x (n, C, H, W): cols is (n, C*kh*kw, Ho*Wo)
+    with images_first, else (C*kh*kw, n, Ho*Wo); contiguous either way."""
+    n, C, H, W = x.shape
+    Ho, Wo = output_size(H, kh, stride, padding), output_size(W, kw, stride, padding)
+    rows = cols if images_first else cols.transpose(1, 0, 2)        # (n, K, P) view either way
+    if backend.is_cuda_array(x):
+        x = backend.cupy.ascontiguousarray(x)
+        kernel = backend.cuda_kernel(_GPU_SOURCE, "im2col", x.dtype)
+        grid, block = backend.launch_size(cols.size)
+        image_stride, row_stride = _cols_strides(rows)
+        kernel(grid, block, (x, cols, *_i32(C, H, W, kh, kw, stride, padding, Ho, Wo),
+                             *_i64(image_stride, row_stride, cols.size)))
+        return cols
+    xp = get_array_module(x)
+    x_pad = _pad(x, padding)
+    sb, sc, sh, sw = x_pad.strides
+    view = xp.lib.stride_tricks.as_strided(x_pad, (n, C, kh, kw, Ho, Wo),
+                                           (sb, sc, sh, sw, stride * sh, stride * sw))
+    rows.reshape(n, C, kh, kw, Ho, Wo)[...] = view
+    return cols
+
+
+def scatter_patches(dcols, kh, kw, stride, padding, dx, images_first):
+    """dx (n, C, H, W) = the adjoint of gather_patches applied to dcols: each
+    input pixel gets the sum of the patch entries that were read from it."""
+    n, C, H, W = dx.shape
+    Ho, Wo = output_size(H, kh, stride, padding), output_size(W, kw, stride, padding)
+    rows = dcols if images_first else dcols.transpose(1, 0, 2)
+    if backend.is_cuda_array(dx):
+        kernel = backend.cuda_kernel(_GPU_SOURCE, "col2im", dx.dtype)
+        grid, block = backend.launch_size(dx.size)
+        image_stride, row_stride = _cols_strides(rows)
+        kernel(grid, block, (dcols, dx, *_i32(C, H, W, kh, kw, stride, padding, Ho, Wo),
+                             *_i64(image_stride, row_stride, dx.size)))
+        return dx
+    xp = get_array_module(dx)
+    d6 = rows.reshape(n, C, kh, kw, Ho, Wo)
+    dx_pad = xp.zeros((n, C, H + 2 * padding, W + 2 * padding), dtype=dx.dtype)
+    for u in range(kh):
+        for v in range(kw):
+            dx_pad[:, :, u:u + stride * Ho:stride, v:v + stride * Wo:stride] += d6[:, :, u, v]
+    dx[...] = dx_pad[:, :, padding:padding + H, padding:padding + W]
+    return dx
+
+
+def _i32(*values):
+    import numpy as np
+    return tuple(np.int32(v) for v in values)
+
+
+def _i64(*values):
+    import numpy as np
+    return tuple(np.int64(v) for v in values)
+
+
+@backend.elementwise
+def _add_two(xp):
+    """y += b + a in place (a convolution's bias and its `add`, one pass)."""
+    def add_two(y, b, a):
+        y += b + a
+    return add_two
+
+
+def conv2d_forward_gpu(x, w, stride=1, padding=0, bias=None, add=None):
+    """conv2d_forward as the GPU runs it (any backend; see the section's comment)."""
+    xp = get_array_module(x, w)
+    B, C, H, W = x.shape
+    O, _, kh, kw = w.shape
+    Ho, Wo = output_size(H, kh, stride, padding), output_size(W, kw, stride, padding)
+    P, K = Ho * Wo, C * kh * kw
+    x = xp.ascontiguousarray(x)
+    w2 = xp.ascontiguousarray(w).reshape(O, K)
+    y = xp.empty((B, O, Ho, Wo), dtype=x.dtype)
+    y3 = y.reshape(B, O, P)
+    if kh == kw == 1 and stride == 1 and padding == 0:
+        backend.gemm(w2, x.reshape(B, C, P), y3)                        # y[b] = w x[b]
+    else:
+        nb = _gpu_chunk(B, K * P, x.itemsize)
+        cols = xp.empty((nb, K, P), dtype=x.dtype)
+        for b0 in range(0, B, nb):
+            n = min(nb, B - b0)
+            gather_patches(x[b0:b0 + n], kh, kw, stride, padding, cols[:n], images_first=True)
+            backend.gemm(w2, cols[:n], y3[b0:b0 + n])                   # y[b] = w cols[b]
+    b4 = None if bias is None else bias.reshape(1, O, 1, 1)
+    if b4 is not None and add is not None:
+        _add_two(y, b4, add)
+    elif b4 is not None:
+        y += b4
+    elif add is not None:
+        y += add
+    return y
+
+
+def conv2d_backward_gpu(grad, x, w, stride=1, padding=0, need_x=True, need_w=True, need_b=False):
+    """conv2d_backward as the GPU runs it (any backend; see the section's comment)."""
+    xp = get_array_module(grad, x, w)
+    B, C, H, W = x.shape
+    O, _, kh, kw = w.shape
+    Ho, Wo = grad.shape[2:]
+    P, K = Ho * Wo, C * kh * kw
+    w2 = xp.ascontiguousarray(w).reshape(O, K)
+    # dL/dy as (O, images, pixels): a chunk's rows (O, n*P) are one matrix
+    g_t = xp.empty((O, B, P), dtype=grad.dtype)
+    g_t[...] = grad.reshape(B, O, P).transpose(1, 0, 2)
+    db = g_t.reshape(O, B * P).sum(axis=1) if need_b else None
+    dw2 = xp.empty((O, K), dtype=grad.dtype) if need_w else None
+    dx = xp.empty(x.shape, dtype=grad.dtype) if need_x else None
+    one_by_one = kh == kw == 1 and stride == 1 and padding == 0
+    if need_x and one_by_one:                                           # dx[b] = w^T dL/dy[b]
+        backend.gemm(w2.T, xp.ascontiguousarray(grad).reshape(B, O, P), dx.reshape(B, C, P))
+        need_x = False
+    if not (need_w or need_x):
+        return dx, (dw2.reshape(w.shape) if need_w else None), db
+    x = xp.ascontiguousarray(x)
+    per_image = K * P * (int(need_w) + int(need_x))                    # cols and dcols
+    nb = _gpu_chunk(B, per_image, x.itemsize)
+    cols = xp.empty((K, nb * P), dtype=x.dtype) if need_w else None
+    dcols = xp.empty((K, nb * P), dtype=x.dtype) if need_x else None
+    for b0 in range(0, B, nb):
+        n = min(nb, B - b0)
+        g = g_t[:, b0:b0 + n].reshape(O, n * P)                        # rows of B*P values, a view
+        if need_w:                                                      # dL/dw += dL/dy cols^T
+            c = cols[:, :n * P]
+            gather_patches(x[b0:b0 + n], kh, kw, stride, padding, c.reshape(K, n, P), images_first=False)
+            backend.gemm(g, c.T, dw2, accumulate=b0 > 0)
+        if need_x:                                                      # patch gradients, put back
+            d = dcols[:, :n * P]
+            backend.gemm(w2.T, g, d)
+            scatter_patches(d.reshape(K, n, P), kh, kw, stride, padding, dx[b0:b0 + n], images_first=False)
+    return dx, (dw2.reshape(w.shape) if need_w else None), db

@@ -29,7 +29,7 @@ temporaries, which is what these element-wise ops cost on a CPU:
       alpha = rstd w,   beta = -rstd^2 mean(dxhat xhat),
       gamma = rstd (mean rstd mean(dxhat xhat) - mean(dxhat)).
 """
-from ..backend import device_of, elementwise, get_array_module, narrow_buffer, restore_buffer
+from ..backend import cuda_kernel, device_of, elementwise, get_array_module, narrow_buffer, restore_buffer
 from ..parallel import Scratch, parallel_for
 
 
@@ -137,8 +137,8 @@ def group_norm_fused_forward(x, num_groups, weight, bias, eps, silu=False, keep_
     x3 = x.reshape(B, C, -1)                                            # (B, C, H*W)
     n_group = f(x3.shape[2] * (C // G))                                 # values per group
     if device_of(x) == "cuda":
-        y, mean, rstd, u = _forward_whole_batch(x3, G, weight, bias, eps, silu, n_group)
-        return y.reshape(x.shape), mean, rstd, (u.reshape(x.shape) if keep_u and u is not None else None)
+        y, mean, rstd, u = _forward_cuda(x3, G, weight, bias, eps, silu, keep_u)
+        return y.reshape(x.shape), mean, rstd, (u.reshape(x.shape) if u is not None else None)
     nb = _chunk(x3)
     n_chunks = -(-B // nb)
     sum_x, sum_xx = xp.empty((B, G), dtype=x.dtype), xp.empty((B, G), dtype=x.dtype)
@@ -208,9 +208,9 @@ def group_norm_fused_backward(grad, x, mean, rstd, num_groups, weight, y=None, u
     scale = f(0.5) if silu else f(1)
     w = weight.reshape(G, -1)
     if device_of(x) == "cuda":
-        dx, dweight, dbias = _backward_whole_batch(
-            g3, x3, mean, rstd, w, scale, n_group,
-            y.reshape(B, C, -1) if silu else None, u.reshape(B, C, -1) if silu else None)
+        dx, dweight, dbias = _backward_cuda(g3, x3, mean, rstd, weight,
+                                            y.reshape(B, C, -1) if silu else None,
+                                            u.reshape(B, C, -1) if silu else None)
         return dx.reshape(x.shape), dweight, dbias
     # dx holds 2 dL/dz (SiLU) between the two loops, then dL/dx.
     dx = xp.empty_like(x3)
@@ -349,3 +349,161 @@ def _backward_whole_batch(g3, x3, mean, rstd, w, scale, n_group, y3=None, u3=Non
     xp = get_array_module(x3)
     beta, gamma = (xp.broadcast_to(v, (B, G, C // G)).reshape(B, C, 1) for v in (beta, gamma))
     return _input_grad(gz, alpha, x3, beta, gamma), dweight_b.sum(axis=0), dbias_b.sum(axis=0)
+
+
+# =============================================================================
+# On a GPU: one kernel of our own per direction
+# =============================================================================
+# The whole-batch path above is about twenty CuPy calls a group norm (sums,
+# the small per-group arithmetic, the fused element-wise kernel) and twice
+# that backward: on an H100, 35 group norms + SiLU of a mnist training step at
+# batch 128 took 50 ms, nearly all of it the host issuing kernels. Here one
+# thread block per (example, group) does everything for its group: the sums,
+# the statistics and the normalization (+ SiLU) forward; the per-channel sums
+# and dL/dx backward. Sums are kept in double; the arithmetic is that of the
+# module docstring and of group_norm_fused_backward.
+
+_GPU_SOURCE = r"""
+// Sums a and b over the thread block (blockDim.x a multiple of 32); every thread gets the totals.
+__device__ void block_sum2(double& a, double& b) {
+    __shared__ double sa[32], sb[32];
+    for (int o = 16; o > 0; o >>= 1) {
+        a += __shfl_down_sync(0xffffffffu, a, o);
+        b += __shfl_down_sync(0xffffffffu, b, o);
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    __syncthreads();                       // the previous call's readers are done with sa, sb
+    if (lane == 0) { sa[warp] = a; sb[warp] = b; }
+    __syncthreads();
+    if (warp == 0) {
+        a = lane < warps ? sa[lane] : 0.0;
+        b = lane < warps ? sb[lane] : 0.0;
+        for (int o = 16; o > 0; o >>= 1) {
+            a += __shfl_down_sync(0xffffffffu, a, o);
+            b += __shfl_down_sync(0xffffffffu, b, o);
+        }
+        if (lane == 0) { sa[0] = a; sb[0] = b; }
+    }
+    __syncthreads();
+    a = sa[0];
+    b = sb[0];
+}
+
+// One block per (example b, group g) of x (B, C, S): mean and rstd of the group's
+// C/G * S values, then y = z = (x - mean) rstd w + bias, or with silu y = silu(z)
+// (and u = 1 + tanh(z / 2), kept for the backward where keep_u).
+template <typename T>
+__global__ void group_norm_forward(const T* x, const T* weight, const T* bias, T* y, T* u,
+                                   T* mean, T* rstd, int C, int S, int G, double eps,
+                                   int silu, int keep_u) {
+    int group = blockIdx.x, b = group / G, g = group % G, Cg = C / G;
+    long long n = (long long)Cg * S;
+    long long base = ((long long)b * C + (long long)g * Cg) * S;
+    double s = 0.0, ss = 0.0;
+    for (long long i = threadIdx.x; i < n; i += blockDim.x) {
+        double v = (double)x[base + i];
+        s += v;
+        ss += v * v;
+    }
+    block_sum2(s, ss);
+    double m = s / n, var = ss / n - m * m;              // E[x^2] - mean^2, as the CPU kernel
+    double r = 1.0 / sqrt((var > 0.0 ? var : 0.0) + eps);
+    if (threadIdx.x == 0) { mean[group] = (T)m; rstd[group] = (T)r; }
+    for (long long i = threadIdx.x; i < n; i += blockDim.x) {
+        int c = g * Cg + (int)(i / S);
+        T a = (T)(r * (double)weight[c]);
+        T z = (x[base + i] - (T)m) * a + bias[c];
+        if (silu) {
+            T h = z * (T)0.5;                               // silu(z) = h (1 + tanh(h))
+            T uu = (T)1 + tanh(h);
+            y[base + i] = h * uu;
+            if (keep_u) u[base + i] = uu;
+        } else {
+            y[base + i] = z;
+        }
+    }
+}
+
+// One block per (example, group). dz = dL/dz (through SiLU first when silu:
+// dL/dz = dL/dy (u + y (2 - u)) / 2); per channel c of the group the sums
+// sum(dz) and sum(dz xhat) are this example's terms of dL/dbias and dL/dweight
+// (written to dbias_b, dweight_b (B, C)); their w-weighted totals give
+// mean(dxhat) and mean(dxhat xhat), and
+// dL/dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)),  dxhat = dz w.
+template <typename T>
+__global__ void group_norm_backward(const T* grad, const T* x, const T* y, const T* u,
+                                    const T* mean, const T* rstd, const T* weight, T* dx,
+                                    T* dweight_b, T* dbias_b, int C, int S, int G, int silu) {
+    int group = blockIdx.x, b = group / G, g = group % G, Cg = C / G;
+    long long n = (long long)Cg * S;
+    long long base = ((long long)b * C + (long long)g * Cg) * S;
+    double m = (double)mean[group], r = (double)rstd[group];
+    double mean_dxhat = 0.0, mean_dxhat_xhat = 0.0;
+    for (int k = 0; k < Cg; ++k) {
+        int c = g * Cg + k;
+        long long row = base + (long long)k * S;
+        double sum_dz = 0.0, sum_dz_xhat = 0.0;
+        for (int s = threadIdx.x; s < S; s += blockDim.x) {
+            long long i = row + s;
+            T dz = grad[i];
+            if (silu) dz = dz * (u[i] + y[i] * ((T)2 - u[i])) * (T)0.5;
+            sum_dz += (double)dz;
+            sum_dz_xhat += (double)dz * (((double)x[i] - m) * r);
+        }
+        block_sum2(sum_dz, sum_dz_xhat);
+        if (threadIdx.x == 0) {
+            dbias_b[(long long)b * C + c] = (T)sum_dz;
+            dweight_b[(long long)b * C + c] = (T)sum_dz_xhat;
+        }
+        mean_dxhat += (double)weight[c] * sum_dz;
+        mean_dxhat_xhat += (double)weight[c] * sum_dz_xhat;
+    }
+    mean_dxhat /= n;
+    mean_dxhat_xhat /= n;
+    for (long long i = threadIdx.x; i < n; i += blockDim.x) {
+        int c = g * Cg + (int)(i / S);
+        T dz = grad[base + i];
+        if (silu) dz = dz * (u[base + i] + y[base + i] * ((T)2 - u[base + i])) * (T)0.5;
+        double xhat = ((double)x[base + i] - m) * r;
+        double dxhat = (double)dz * (double)weight[c];
+        dx[base + i] = (T)(r * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat));
+    }
+}
+"""
+
+_BLOCK = 256
+
+
+def _forward_cuda(x3, G, weight, bias, eps, silu, keep_u):
+    """(y, mean, rstd, u) of group_norm_fused_forward for CuPy x3 (B, C, S), one launch."""
+    import numpy as np
+    xp = get_array_module(x3)
+    B, C, S = x3.shape
+    x3 = xp.ascontiguousarray(x3)
+    y = xp.empty_like(x3)
+    u = xp.empty_like(x3) if silu and keep_u else None
+    mean, rstd = xp.empty((B, G), dtype=x3.dtype), xp.empty((B, G), dtype=x3.dtype)
+    kernel = cuda_kernel(_GPU_SOURCE, "group_norm_forward", x3.dtype)
+    kernel((B * G,), (_BLOCK,), (x3, xp.ascontiguousarray(weight), xp.ascontiguousarray(bias), y,
+                                 y if u is None else u, mean, rstd, np.int32(C), np.int32(S),
+                                 np.int32(G), np.float64(eps), np.int32(silu), np.int32(u is not None)))
+    return y, mean, rstd, u
+
+
+def _backward_cuda(g3, x3, mean, rstd, weight, y3=None, u3=None):
+    """(dx, dweight, dbias) of group_norm_fused_backward for CuPy arrays, one launch and two sums."""
+    import numpy as np
+    xp = get_array_module(g3, x3)
+    B, C, S = x3.shape
+    G = mean.shape[1]
+    silu = u3 is not None
+    g3, x3 = xp.ascontiguousarray(g3), xp.ascontiguousarray(x3)
+    y3 = xp.ascontiguousarray(y3) if silu else x3                       # unread without silu
+    u3 = xp.ascontiguousarray(u3) if silu else x3
+    dx = xp.empty_like(x3)
+    dweight_b, dbias_b = xp.empty((B, C), dtype=x3.dtype), xp.empty((B, C), dtype=x3.dtype)
+    kernel = cuda_kernel(_GPU_SOURCE, "group_norm_backward", x3.dtype)
+    kernel((B * G,), (_BLOCK,), (g3, x3, y3, u3, xp.ascontiguousarray(mean), xp.ascontiguousarray(rstd),
+                                 xp.ascontiguousarray(weight), dx, dweight_b, dbias_b,
+                                 np.int32(C), np.int32(S), np.int32(G), np.int32(silu)))
+    return dx, dweight_b.sum(axis=0), dbias_b.sum(axis=0)

@@ -1,0 +1,121 @@
+"""The CUDA kernels of our own (autograd/kernels/conv.py and norm.py, "On a
+GPU") and the direct cuBLAS products (backend.gemm) give NumPy's numbers, at
+the UNet's shapes and at awkward ones, in float64 (tight) and float32."""
+import numpy as np
+import pytest
+
+from autograd import backend
+from autograd.kernels import conv, norm
+
+cupy = pytest.importorskip("cupy")
+
+TOL = {np.float64: dict(rtol=1e-10, atol=1e-12), np.float32: dict(rtol=2e-4, atol=2e-5)}
+DTYPES = [np.float64, np.float32]
+
+
+def _gpu(a):
+    return cupy.asarray(a)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape, k, stride, padding", [
+    ((3, 4, 7, 7), 3, 1, 1), ((3, 4, 9, 9), 3, 2, 1), ((2, 3, 5, 5), 1, 1, 0),
+    ((2, 2, 6, 5), 3, 1, 0), ((2, 2, 6, 6), 3, 1, 2), ((4, 3, 7, 6), 3, 3, 1), ((5, 64, 28, 28), 3, 2, 1),
+])
+@pytest.mark.parametrize("images_first", [True, False])
+def test_patch_gather_and_scatter_kernels_match_numpy(x_shape, k, stride, padding, images_first, dtype):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    n, C, H, W = x_shape
+    P = conv.output_size(H, k, stride, padding) * conv.output_size(W, k, stride, padding)
+    shape = (n, C * k * k, P) if images_first else (C * k * k, n, P)
+    want = conv.gather_patches(x, k, k, stride, padding, np.empty(shape, dtype), images_first)
+    got = conv.gather_patches(_gpu(x), k, k, stride, padding, cupy.full(shape, np.nan, dtype), images_first)
+    np.testing.assert_array_equal(cupy.asnumpy(got), want)
+    d = rng.standard_normal(shape).astype(dtype)
+    want = conv.scatter_patches(d, k, k, stride, padding, np.empty_like(x), images_first)
+    got = conv.scatter_patches(_gpu(d), k, k, stride, padding, cupy.full(x.shape, np.nan, dtype), images_first)
+    np.testing.assert_allclose(cupy.asnumpy(got), want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape, w_shape, stride, padding", [
+    ((4, 64, 28, 28), (64, 64, 3, 3), 1, 1), ((4, 64, 28, 28), (64, 64, 3, 3), 2, 1),
+    ((4, 192, 14, 14), (128, 192, 1, 1), 1, 0), ((4, 256, 7, 7), (128, 256, 3, 3), 1, 1),
+    ((3, 1, 28, 28), (64, 1, 3, 3), 1, 1), ((3, 64, 28, 28), (1, 64, 3, 3), 1, 1),
+    ((2, 3, 8, 8), (2, 3, 3, 3), 2, 0), ((2, 2, 6, 1), (3, 2, 1, 5), 1, 2),
+])
+@pytest.mark.parametrize("chunk_bytes", [256 << 20, 1], ids=["one chunk", "image by image"])
+def test_conv_on_the_gpu_matches_the_cpu_kernels(x_shape, w_shape, stride, padding, chunk_bytes, dtype,
+                                                 monkeypatch):
+    monkeypatch.setattr(conv, "_GPU_CHUNK_BYTES", chunk_bytes)
+    rng = np.random.default_rng(1)
+    x, w = rng.standard_normal(x_shape).astype(dtype), (0.1 * rng.standard_normal(w_shape)).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype)
+    y = conv.conv2d_forward(x, w, stride, padding, bias=b)
+    add = rng.standard_normal(y.shape).astype(dtype)
+    want = conv.conv2d_forward(x, w, stride, padding, bias=b, add=add)
+    got = conv.conv2d_forward(_gpu(x), _gpu(w), stride, padding, bias=_gpu(b), add=_gpu(add))
+    np.testing.assert_allclose(cupy.asnumpy(got), want, **TOL[dtype])
+    grad = rng.standard_normal(y.shape).astype(dtype)
+    want = conv.conv2d_backward(grad, x, w, stride, padding, True, True, True)
+    got = conv.conv2d_backward(_gpu(grad), _gpu(x), _gpu(w), stride, padding, True, True, True)
+    for g, ref in zip(got, want):
+        assert isinstance(g, cupy.ndarray) and g.dtype == dtype
+        np.testing.assert_allclose(cupy.asnumpy(g), ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemm_reads_transposed_padded_and_shared_operands(dtype):
+    rng = np.random.default_rng(2)
+    backend.set_tf32(False)
+    a_full = rng.standard_normal((7, 12)).astype(dtype)
+    a = a_full[:, :5]                               # (7, 5), rows padded to 12
+    b_t = rng.standard_normal((3, 6, 5)).astype(dtype)
+    b = b_t.transpose(0, 2, 1)                      # (3, 5, 6), each read transposed
+    want = a @ b
+    out = cupy.empty((3, 7, 6), dtype)
+    backend.gemm(_gpu(a_full)[:, :5], _gpu(b_t).transpose(0, 2, 1), out)
+    np.testing.assert_allclose(cupy.asnumpy(out), want, **TOL[dtype])
+    backend.gemm(_gpu(a_full)[:, :5], _gpu(b_t).transpose(0, 2, 1), out, accumulate=True)
+    np.testing.assert_allclose(cupy.asnumpy(out), 2 * want, **TOL[dtype])
+    c = cupy.empty((5, 5), dtype)                   # a^T a: both from one array
+    backend.gemm(_gpu(a_full)[:, :5].T, _gpu(a_full)[:, :5], c)
+    np.testing.assert_allclose(cupy.asnumpy(c), a.T @ a, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape, G", [
+    ((4, 64, 28, 28), 32), ((3, 128, 14, 14), 32), ((3, 256, 7, 7), 32), ((2, 8, 30, 30), 1),
+    ((2, 6, 1, 1), 3), ((3, 4, 5, 5), 2),
+])
+@pytest.mark.parametrize("silu", [False, True])
+def test_group_norm_kernels_match_the_cpu_kernels(x_shape, G, silu, dtype):
+    rng = np.random.default_rng(3)
+    C = x_shape[1]
+    x = (2 * rng.standard_normal(x_shape) + 0.5).astype(dtype)
+    w, b = rng.standard_normal(C).astype(dtype), rng.standard_normal(C).astype(dtype)
+    grad = rng.standard_normal(x_shape).astype(dtype)
+    want = norm.group_norm_fused_forward(x, G, w, b, 1e-5, silu=silu)
+    got = norm.group_norm_fused_forward(_gpu(x), G, _gpu(w), _gpu(b), 1e-5, silu=silu)
+    for g, ref in zip(got, want):
+        assert (g is None) == (ref is None)
+        if ref is not None:
+            np.testing.assert_allclose(cupy.asnumpy(g), ref, **TOL[dtype])
+    y, mean, rstd, u = want
+    want = norm.group_norm_fused_backward(grad, x, mean, rstd, G, w, y=y, u=u)
+    gpu = [None if a is None else _gpu(a) for a in (y, mean, rstd, u)]
+    # dL/dy arrives as a view that is not contiguous (as a Concat's backward hands it on)
+    g_view = _gpu(np.concatenate([grad, grad], axis=1))[:, :C]
+    got = norm.group_norm_fused_backward(g_view, _gpu(x), gpu[1], gpu[2], G, _gpu(w), y=gpu[0], u=gpu[3])
+    for g, ref in zip(got, want):
+        np.testing.assert_allclose(cupy.asnumpy(g), ref, **TOL[dtype])
+
+
+def test_group_norm_silu_without_a_backward_keeps_no_u():
+    x = cupy.asarray(np.random.default_rng(4).standard_normal((2, 4, 3, 3)))
+    y, mean, rstd, u = norm.group_norm_fused_forward(x, 2, cupy.ones(4), cupy.zeros(4), 1e-5,
+                                                     silu=True, keep_u=False)
+    y2, *_ = norm.group_norm_fused_forward(x, 2, cupy.ones(4), cupy.zeros(4), 1e-5, silu=True)
+    assert u is None
+    np.testing.assert_array_equal(cupy.asnumpy(y), cupy.asnumpy(y2))
