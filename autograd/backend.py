@@ -395,7 +395,3 @@ def _kernel_names(source):
     import re
     return re.findall(r"__global__\s+void\s+(\w+)\s*\(", source)
 
-
-def launch_size(total, block=256):
-    """(grid, block) for a grid-stride loop over `total` items."""
-    return (max(1, min(-(-total // block), 1 << 20)),), (block,)

@@ -3,8 +3,8 @@
 On CuPy the patch gather and its adjoint are CUDA kernels and the products go
 straight to cuBLAS; every other line of conv2d_forward_gpu/backward_gpu is the
 same on NumPy, where the gather is a strided view. So these tests check the
-layout arithmetic (chunks, the (O, images, pixels) transposes, batch strides,
-accumulation across chunks) against the direct-loop reference without a GPU;
+layout arithmetic (batch strides,
+chunks, per-image products summed) against the direct-loop reference without a GPU;
 tests/gpu/test_conv_cuda.py checks the CUDA kernels against these.
 """
 import numpy as np
@@ -63,17 +63,16 @@ def test_gpu_conv_gradients_by_finite_differences():
             assert d[idx] == pytest.approx((f(plus) - f(minus)) / (2 * h), rel=1e-6, abs=1e-8)
 
 
-@pytest.mark.parametrize("images_first", [True, False])
-def test_gather_and_scatter_are_adjoint(images_first):
+def test_gather_and_scatter_are_adjoint():
     """<gather(x), c> = <x, scatter(c)>: the backward's dL/dx is exactly the gather's transpose."""
     rng = np.random.default_rng(2)
     x = rng.standard_normal((3, 2, 6, 7))
     k, s, p = 3, 2, 1
     Ho, Wo = conv.output_size(6, k, s, p), conv.output_size(7, k, s, p)
-    shape = (3, 2 * k * k, Ho * Wo) if images_first else (2 * k * k, 3, Ho * Wo)
-    cols = conv.gather_patches(x, k, k, s, p, np.empty(shape), images_first)
+    shape = (3, 2 * k * k, Ho * Wo)
+    cols = conv.gather_patches(x, k, k, s, p, np.empty(shape))
     c = rng.standard_normal(shape)
-    dx = conv.scatter_patches(c, k, k, s, p, np.empty_like(x), images_first)
+    dx = conv.scatter_patches(c, k, k, s, p, np.empty_like(x))
     assert np.vdot(cols, c) == pytest.approx(np.vdot(x, dx), rel=1e-12)
 
 

@@ -569,11 +569,11 @@ def upsample_nearest2d_backward_reference(grad, scale):
 #   written below in CUDA C++), one batched product per chunk writes straight
 #   into the NCHW output (the weights the same for every image: batch stride
 #   0, no copy), then the bias and `add` in one pass;
-# - backward: dL/dy once transposed to (O, images, pixels), so that dL/dw is
-#   ONE product over every image and pixel of a chunk (accumulated over
-#   chunks by cuBLAS's beta = 1), and dL/dx the adjoint of the gather
-#   (col2im: each input pixel sums the patch gradients that read it, a
-#   gather again, so no atomic additions and a fixed order) of one product.
+# - backward: dL/dw as one batched product, dL/dy[b] times the image's
+#   patches transposed, then a sum over the images; dL/dx as the patch
+#   gradients (one batched product) put back by the gather's adjoint (col2im:
+#   each input pixel sums the patch gradients that read it, a gather again,
+#   so no atomic additions and a fixed order).
 # A 1x1 convolution needs no gather in the forward (the image is its own
 # patch matrix) and none for dL/dx.
 # Every function here also runs on NumPy (the gather as a strided view), which
@@ -581,53 +581,45 @@ def upsample_nearest2d_backward_reference(grad, scale):
 # CUDA kernels with it.
 
 _GPU_SOURCE = r"""
-// cols[b * image_stride + ((c * kh + u) * kw + v) * row_stride + i * Wo + j]
-//     = x[b, c, i * stride + u - pad, j * stride + v - pad]   (0 outside the image)
+// Grid (pixel blocks, K, n): block (k, b) fills row k = (c, u, v) of image b's patches,
+//     cols[b * image_stride + k * row_stride + i * Wo + j] = x[b, c, i * stride + u - pad, j * stride + v - pad]
+// (0 outside the image). 32-bit index arithmetic, one division per value: the
+// 64-bit divisions of a flat index (five per value) cost more than the copy.
 template <typename T>
 __global__ void im2col(const T* x, T* cols, int C, int H, int W, int kh, int kw, int stride,
-                       int pad, int Ho, int Wo, long long image_stride, long long row_stride,
-                       long long total) {
-    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
-         idx += (long long)blockDim.x * gridDim.x) {
-        int j = (int)(idx % Wo);
-        long long t = idx / Wo;
-        int i = (int)(t % Ho); t /= Ho;
-        int v = (int)(t % kw); t /= kw;
-        int u = (int)(t % kh); t /= kh;
-        int c = (int)(t % C);
-        long long b = t / C;
-        int h = i * stride + u - pad, w = j * stride + v - pad;
-        T value = (h >= 0 && h < H && w >= 0 && w < W) ? x[((b * C + c) * H + h) * W + w] : T(0);
-        cols[b * image_stride + ((c * kh + u) * kw + v) * row_stride + (long long)i * Wo + j] = value;
-    }
+                       int pad, int Ho, int Wo, long long image_stride, long long row_stride) {
+    int p = blockIdx.x * blockDim.x + threadIdx.x;
+    if (p >= Ho * Wo) return;
+    int k = blockIdx.y, b = blockIdx.z;
+    int v = k % kw, u = (k / kw) % kh, c = k / (kw * kh);
+    int i = p / Wo, j = p - i * Wo;
+    int h = i * stride + u - pad, w = j * stride + v - pad;
+    const T* image = x + ((long long)b * C + c) * H * W;
+    cols[b * image_stride + k * row_stride + p] =
+        (h >= 0 && h < H && w >= 0 && w < W) ? image[h * W + w] : T(0);
 }
 
-// The adjoint: x[b, c, h, w] = the sum of the cols entries that im2col filled from it,
-// in the order of (u, v), one thread per input value.
+// The adjoint. Grid (pixel blocks, C, n): x[b, c, h, w] = the sum, in the order of
+// (u, v), of the cols entries that im2col filled from it; a gather, so no atomics.
 template <typename T>
 __global__ void col2im(const T* cols, T* x, int C, int H, int W, int kh, int kw, int stride,
-                       int pad, int Ho, int Wo, long long image_stride, long long row_stride,
-                       long long total) {
-    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < total;
-         idx += (long long)blockDim.x * gridDim.x) {
-        int w = (int)(idx % W);
-        long long t = idx / W;
-        int h = (int)(t % H); t /= H;
-        int c = (int)(t % C);
-        long long b = t / C;
-        const T* image = cols + b * image_stride;
-        T sum = T(0);
-        for (int u = 0; u < kh; ++u) {
-            int hi = h + pad - u;                  // = i * stride for the output row i that read it
-            if (hi < 0 || hi % stride != 0 || hi / stride >= Ho) continue;
-            for (int v = 0; v < kw; ++v) {
-                int wj = w + pad - v;
-                if (wj < 0 || wj % stride != 0 || wj / stride >= Wo) continue;
-                sum += image[((c * kh + u) * kw + v) * row_stride + (long long)(hi / stride) * Wo + wj / stride];
-            }
+                       int pad, int Ho, int Wo, long long image_stride, long long row_stride) {
+    int q = blockIdx.x * blockDim.x + threadIdx.x;
+    if (q >= H * W) return;
+    int c = blockIdx.y, b = blockIdx.z;
+    int h = q / W, w = q - h * W;
+    const T* rows = cols + b * image_stride + (long long)c * kh * kw * row_stride;
+    T sum = T(0);
+    for (int u = 0; u < kh; ++u) {
+        int hi = h + pad - u, i = hi / stride;             // output row i read it if hi = i * stride
+        if (hi < 0 || i * stride != hi || i >= Ho) continue;
+        for (int v = 0; v < kw; ++v) {
+            int wj = w + pad - v, j = wj / stride;
+            if (wj < 0 || j * stride != wj || j >= Wo) continue;
+            sum += rows[(u * kw + v) * row_stride + i * Wo + j];
         }
-        x[idx] = sum;
     }
+    x[((long long)b * C + c) * H * W + q] = sum;
 }
 """
 
@@ -642,54 +634,61 @@ def _gpu_chunk(B, per_image_values, itemsize):
 
 
 def _cols_strides(cols):
-    """(image stride, row stride) of a patch matrix laid out (n, K, P) or (K, n, P)."""
+    """(image stride, row stride) in values of a patch matrix (n, K, P) whose rows are runs of memory."""
+    if cols.strides[2] != cols.itemsize:
+        raise ValueError(f"patch matrix rows must be runs of memory, got strides {cols.strides}")
     return cols.strides[0] // cols.itemsize, cols.strides[1] // cols.itemsize
 
 
-def gather_patches(x, kh, kw, stride, padding, cols, images_first):
-    """Fill cols with the patches of x (n, C, H, W): cols is (n, C*kh*kw, Ho*Wo)
-    with images_first, else (C*kh*kw, n, Ho*Wo); contiguous either way."""
+def gather_patches(x, kh, kw, stride, padding, cols):
+    """Fill cols (n, C*kh*kw, Ho*Wo) with the patches of x (n, C, H, W): row
+    (c, u, v) of image b holds x_pad[b, c, s*i+u, s*j+v] at column (i, j)."""
     n, C, H, W = x.shape
     Ho, Wo = output_size(H, kh, stride, padding), output_size(W, kw, stride, padding)
-    rows = cols if images_first else cols.transpose(1, 0, 2)        # (n, K, P) view either way
     if backend.is_cuda_array(x):
         x = backend.cupy.ascontiguousarray(x)
         kernel = backend.cuda_kernel(_GPU_SOURCE, "im2col", x.dtype)
-        grid, block = backend.launch_size(cols.size)
-        image_stride, row_stride = _cols_strides(rows)
-        kernel(grid, block, (x, cols, *_i32(C, H, W, kh, kw, stride, padding, Ho, Wo),
-                             *_i64(image_stride, row_stride, cols.size)))
+        image_stride, row_stride = _cols_strides(cols)
+        kernel(*_grid(Ho * Wo, C * kh * kw, n), (x, cols, *_i32(C, H, W, kh, kw, stride, padding, Ho, Wo),
+                                                 *_i64(image_stride, row_stride)))
         return cols
     xp = get_array_module(x)
     x_pad = _pad(x, padding)
     sb, sc, sh, sw = x_pad.strides
     view = xp.lib.stride_tricks.as_strided(x_pad, (n, C, kh, kw, Ho, Wo),
                                            (sb, sc, sh, sw, stride * sh, stride * sw))
-    rows.reshape(n, C, kh, kw, Ho, Wo)[...] = view
+    cols.reshape(n, C, kh, kw, Ho, Wo)[...] = view
     return cols
 
 
-def scatter_patches(dcols, kh, kw, stride, padding, dx, images_first):
-    """dx (n, C, H, W) = the adjoint of gather_patches applied to dcols: each
-    input pixel gets the sum of the patch entries that were read from it."""
+def scatter_patches(dcols, kh, kw, stride, padding, dx):
+    """dx (n, C, H, W) = the adjoint of gather_patches applied to dcols (n, K,
+    P): each input pixel gets the sum of the patch entries read from it."""
     n, C, H, W = dx.shape
     Ho, Wo = output_size(H, kh, stride, padding), output_size(W, kw, stride, padding)
-    rows = dcols if images_first else dcols.transpose(1, 0, 2)
     if backend.is_cuda_array(dx):
         kernel = backend.cuda_kernel(_GPU_SOURCE, "col2im", dx.dtype)
-        grid, block = backend.launch_size(dx.size)
-        image_stride, row_stride = _cols_strides(rows)
-        kernel(grid, block, (dcols, dx, *_i32(C, H, W, kh, kw, stride, padding, Ho, Wo),
-                             *_i64(image_stride, row_stride, dx.size)))
+        image_stride, row_stride = _cols_strides(dcols)
+        kernel(*_grid(H * W, C, n), (dcols, dx, *_i32(C, H, W, kh, kw, stride, padding, Ho, Wo),
+                                     *_i64(image_stride, row_stride)))
         return dx
     xp = get_array_module(dx)
-    d6 = rows.reshape(n, C, kh, kw, Ho, Wo)
+    d6 = dcols.reshape(n, C, kh, kw, Ho, Wo)
     dx_pad = xp.zeros((n, C, H + 2 * padding, W + 2 * padding), dtype=dx.dtype)
     for u in range(kh):
         for v in range(kw):
             dx_pad[:, :, u:u + stride * Ho:stride, v:v + stride * Wo:stride] += d6[:, :, u, v]
     dx[...] = dx_pad[:, :, padding:padding + H, padding:padding + W]
     return dx
+
+
+def _grid(pixels, rows, images):
+    """(grid, block) of the two kernels: pixels across threads, one block row per (row, image)."""
+    if rows > 65535 or images > 65535 or pixels >= 1 << 31:
+        raise ValueError(f"convolution too large for the GPU kernels' grid: {rows} rows of "
+                         f"{pixels} pixels, {images} images a chunk")
+    block = min(256, -(-pixels // 32) * 32)
+    return (-(-pixels // block), rows, images), (block,)
 
 
 def _i32(*values):
@@ -728,7 +727,7 @@ def conv2d_forward_gpu(x, w, stride=1, padding=0, bias=None, add=None):
         cols = xp.empty((nb, K, P), dtype=x.dtype)
         for b0 in range(0, B, nb):
             n = min(nb, B - b0)
-            gather_patches(x[b0:b0 + n], kh, kw, stride, padding, cols[:n], images_first=True)
+            gather_patches(x[b0:b0 + n], kh, kw, stride, padding, cols[:n])
             backend.gemm(w2, cols[:n], y3[b0:b0 + n])                   # y[b] = w cols[b]
     b4 = None if bias is None else bias.reshape(1, O, 1, 1)
     if b4 is not None and add is not None:
@@ -748,32 +747,34 @@ def conv2d_backward_gpu(grad, x, w, stride=1, padding=0, need_x=True, need_w=Tru
     Ho, Wo = grad.shape[2:]
     P, K = Ho * Wo, C * kh * kw
     w2 = xp.ascontiguousarray(w).reshape(O, K)
-    # dL/dy as (O, images, pixels): a chunk's rows (O, n*P) are one matrix
-    g_t = xp.empty((O, B, P), dtype=grad.dtype)
-    g_t[...] = grad.reshape(B, O, P).transpose(1, 0, 2)
-    db = g_t.reshape(O, B * P).sum(axis=1) if need_b else None
-    dw2 = xp.empty((O, K), dtype=grad.dtype) if need_w else None
+    g3 = xp.ascontiguousarray(grad).reshape(B, O, P)
+    db = g3.sum(axis=(0, 2)) if need_b else None
     dx = xp.empty(x.shape, dtype=grad.dtype) if need_x else None
-    one_by_one = kh == kw == 1 and stride == 1 and padding == 0
-    if need_x and one_by_one:                                           # dx[b] = w^T dL/dy[b]
-        backend.gemm(w2.T, xp.ascontiguousarray(grad).reshape(B, O, P), dx.reshape(B, C, P))
-        need_x = False
-    if not (need_w or need_x):
-        return dx, (dw2.reshape(w.shape) if need_w else None), db
+    dw = xp.empty((O, K), dtype=grad.dtype) if need_w else None
     x = xp.ascontiguousarray(x)
-    per_image = K * P * (int(need_w) + int(need_x))                    # cols and dcols
-    nb = _gpu_chunk(B, per_image, x.itemsize)
-    cols = xp.empty((K, nb * P), dtype=x.dtype) if need_w else None
-    dcols = xp.empty((K, nb * P), dtype=x.dtype) if need_x else None
+    if kh == kw == 1 and stride == 1 and padding == 0:                  # x is its own patch matrix
+        if need_x:                                                      # dx[b] = w^T dL/dy[b]
+            backend.gemm(w2.T, g3, dx.reshape(B, C, P))
+        if need_w:                                                      # sum over b of dL/dy[b] x[b]^T
+            per_image = xp.empty((B, O, C), dtype=grad.dtype)
+            backend.gemm(g3, x.reshape(B, C, P).transpose(0, 2, 1), per_image)
+            per_image.sum(axis=0, out=dw)
+        return dx, (dw.reshape(w.shape) if need_w else None), db
+    nb = _gpu_chunk(B, K * P * (int(need_w) + int(need_x)), x.itemsize)    # patches, their gradients
+    cols = xp.empty((nb, K, P), dtype=x.dtype) if need_w else None
+    per_image = xp.empty((nb, O, K), dtype=grad.dtype) if need_w else None
+    dcols = xp.empty((nb, K, P), dtype=x.dtype) if need_x else None
     for b0 in range(0, B, nb):
         n = min(nb, B - b0)
-        g = g_t[:, b0:b0 + n].reshape(O, n * P)                        # rows of B*P values, a view
-        if need_w:                                                      # dL/dw += dL/dy cols^T
-            c = cols[:, :n * P]
-            gather_patches(x[b0:b0 + n], kh, kw, stride, padding, c.reshape(K, n, P), images_first=False)
-            backend.gemm(g, c.T, dw2, accumulate=b0 > 0)
+        g = g3[b0:b0 + n]
+        if need_w:                                                      # dL/dw = sum of dL/dy[b] cols[b]^T
+            gather_patches(x[b0:b0 + n], kh, kw, stride, padding, cols[:n])
+            backend.gemm(g, cols[:n].transpose(0, 2, 1), per_image[:n])
+            if b0 == 0:
+                per_image[:n].sum(axis=0, out=dw)
+            else:
+                dw += per_image[:n].sum(axis=0)
         if need_x:                                                      # patch gradients, put back
-            d = dcols[:, :n * P]
-            backend.gemm(w2.T, g, d)
-            scatter_patches(d.reshape(K, n, P), kh, kw, stride, padding, dx[b0:b0 + n], images_first=False)
-    return dx, (dw2.reshape(w.shape) if need_w else None), db
+            backend.gemm(w2.T, g, dcols[:n])
+            scatter_patches(dcols[:n], kh, kw, stride, padding, dx[b0:b0 + n])
+    return dx, (dw.reshape(w.shape) if need_w else None), db

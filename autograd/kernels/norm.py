@@ -409,17 +409,21 @@ __global__ void group_norm_forward(const T* x, const T* weight, const T* bias, T
     double m = s / n, var = ss / n - m * m;              // E[x^2] - mean^2, as the CPU kernel
     double r = 1.0 / sqrt((var > 0.0 ? var : 0.0) + eps);
     if (threadIdx.x == 0) { mean[group] = (T)m; rstd[group] = (T)r; }
-    for (long long i = threadIdx.x; i < n; i += blockDim.x) {
-        int c = g * Cg + (int)(i / S);
-        T a = (T)(r * (double)weight[c]);
-        T z = (x[base + i] - (T)m) * a + bias[c];
-        if (silu) {
-            T h = z * (T)0.5;                               // silu(z) = h (1 + tanh(h))
-            T uu = (T)1 + tanh(h);
-            y[base + i] = h * uu;
-            if (keep_u) u[base + i] = uu;
-        } else {
-            y[base + i] = z;
+    for (int k = 0; k < Cg; ++k) {                      // channel by channel: no division per value
+        int c = g * Cg + k;
+        T a = (T)(r * (double)weight[c]), shift = bias[c], mean_t = (T)m;
+        long long row = base + (long long)k * S;
+        for (int s = threadIdx.x; s < S; s += blockDim.x) {
+            long long i = row + s;
+            T z = (x[i] - mean_t) * a + shift;
+            if (silu) {
+                T h = z * (T)0.5;                           // silu(z) = h (1 + tanh(h))
+                T uu = (T)1 + tanh(h);
+                y[i] = h * uu;
+                if (keep_u) u[i] = uu;
+            } else {
+                y[i] = z;
+            }
         }
     }
 }
@@ -460,13 +464,16 @@ __global__ void group_norm_backward(const T* grad, const T* x, const T* y, const
     }
     mean_dxhat /= n;
     mean_dxhat_xhat /= n;
-    for (long long i = threadIdx.x; i < n; i += blockDim.x) {
-        int c = g * Cg + (int)(i / S);
-        T dz = grad[base + i];
-        if (silu) dz = dz * (u[base + i] + y[base + i] * ((T)2 - u[base + i])) * (T)0.5;
-        double xhat = ((double)x[base + i] - m) * r;
-        double dxhat = (double)dz * (double)weight[c];
-        dx[base + i] = (T)(r * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat));
+    for (int k = 0; k < Cg; ++k) {
+        double wc = (double)weight[g * Cg + k];
+        long long row = base + (long long)k * S;
+        for (int s = threadIdx.x; s < S; s += blockDim.x) {
+            long long i = row + s;
+            T dz = grad[i];
+            if (silu) dz = dz * (u[i] + y[i] * ((T)2 - u[i])) * (T)0.5;
+            double xhat = ((double)x[i] - m) * r;
+            dx[i] = (T)(r * ((double)dz * wc - mean_dxhat - xhat * mean_dxhat_xhat));
+        }
     }
 }
 """

@@ -17,24 +17,31 @@ def _gpu(a):
     return cupy.asarray(a)
 
 
+def _close(got, want, dtype):
+    """Equal to rounding: float32 sums of thousands of terms differ by ~1e-6 of the
+    largest value, so the absolute tolerance scales with it."""
+    tol = TOL[dtype]
+    np.testing.assert_allclose(cupy.asnumpy(got), want, rtol=tol["rtol"],
+                               atol=tol["atol"] * max(1.0, float(np.abs(want).max())))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("x_shape, k, stride, padding", [
     ((3, 4, 7, 7), 3, 1, 1), ((3, 4, 9, 9), 3, 2, 1), ((2, 3, 5, 5), 1, 1, 0),
     ((2, 2, 6, 5), 3, 1, 0), ((2, 2, 6, 6), 3, 1, 2), ((4, 3, 7, 6), 3, 3, 1), ((5, 64, 28, 28), 3, 2, 1),
 ])
-@pytest.mark.parametrize("images_first", [True, False])
-def test_patch_gather_and_scatter_kernels_match_numpy(x_shape, k, stride, padding, images_first, dtype):
+def test_patch_gather_and_scatter_kernels_match_numpy(x_shape, k, stride, padding, dtype):
     rng = np.random.default_rng(0)
     x = rng.standard_normal(x_shape).astype(dtype)
     n, C, H, W = x_shape
     P = conv.output_size(H, k, stride, padding) * conv.output_size(W, k, stride, padding)
-    shape = (n, C * k * k, P) if images_first else (C * k * k, n, P)
-    want = conv.gather_patches(x, k, k, stride, padding, np.empty(shape, dtype), images_first)
-    got = conv.gather_patches(_gpu(x), k, k, stride, padding, cupy.full(shape, np.nan, dtype), images_first)
+    shape = (n, C * k * k, P)
+    want = conv.gather_patches(x, k, k, stride, padding, np.empty(shape, dtype))
+    got = conv.gather_patches(_gpu(x), k, k, stride, padding, cupy.full(shape, np.nan, dtype))
     np.testing.assert_array_equal(cupy.asnumpy(got), want)
     d = rng.standard_normal(shape).astype(dtype)
-    want = conv.scatter_patches(d, k, k, stride, padding, np.empty_like(x), images_first)
-    got = conv.scatter_patches(_gpu(d), k, k, stride, padding, cupy.full(x.shape, np.nan, dtype), images_first)
+    want = conv.scatter_patches(d, k, k, stride, padding, np.empty_like(x))
+    got = conv.scatter_patches(_gpu(d), k, k, stride, padding, cupy.full(x.shape, np.nan, dtype))
     np.testing.assert_allclose(cupy.asnumpy(got), want, **TOL[dtype])
 
 
@@ -56,13 +63,13 @@ def test_conv_on_the_gpu_matches_the_cpu_kernels(x_shape, w_shape, stride, paddi
     add = rng.standard_normal(y.shape).astype(dtype)
     want = conv.conv2d_forward(x, w, stride, padding, bias=b, add=add)
     got = conv.conv2d_forward(_gpu(x), _gpu(w), stride, padding, bias=_gpu(b), add=_gpu(add))
-    np.testing.assert_allclose(cupy.asnumpy(got), want, **TOL[dtype])
+    _close(got, want, dtype)
     grad = rng.standard_normal(y.shape).astype(dtype)
     want = conv.conv2d_backward(grad, x, w, stride, padding, True, True, True)
     got = conv.conv2d_backward(_gpu(grad), _gpu(x), _gpu(w), stride, padding, True, True, True)
     for g, ref in zip(got, want):
         assert isinstance(g, cupy.ndarray) and g.dtype == dtype
-        np.testing.assert_allclose(cupy.asnumpy(g), ref, **TOL[dtype])
+        _close(g, ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
