@@ -90,8 +90,8 @@ def test_adam_fused_update_on_cupy_matches_numpy(dtype, rtol, atol):
     results = []
     for device in ("cpu", "cuda"):
         p = Parameter(values.copy()).to(device)
+        opt = Adam([p], lr=1e-2, weight_decay=0.01)   # on CUDA p.data is now a view of its flat buffer
         data_id = id(p.data)
-        opt = Adam([p], lr=1e-2, weight_decay=0.01)
         for g in grads:
             p.grad = Tensor(g).to(device).data.copy()
             opt.step()
