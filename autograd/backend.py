@@ -281,6 +281,9 @@ _OP_N, _OP_T = 0, 1
 _GEMM_DEFAULT = -1
 _COMPUTE_32F, _COMPUTE_32F_FAST_TF32, _COMPUTE_64F = 68, 77, 70
 _CUDA_R = {np.dtype(np.float32): 0, np.dtype(np.float64): 1}
+# cuBLAS's alpha and beta, read from host memory: 0 and 1 of each dtype, made once
+_SCALAR_ARRAYS = {(np.dtype(d), v): np.full(1, v, d) for d in (np.float32, np.float64) for v in (0, 1)}
+_SCALARS = {key: a.ctypes.data for key, a in _SCALAR_ARRAYS.items()}
 
 
 def _matrix_layout(a):
@@ -347,16 +350,15 @@ def gemm(a, b, out, accumulate=False):
     # cuBLAS counts in columns: the row-major out (M, N) is the column-major
     # out^T (N, M) = b^T a^T, so b goes first, each read transposed or not.
     if dtype == np.float64:
-        compute, one, beta = _COMPUTE_64F, np.ones(1, np.float64), np.full(1, float(accumulate))
+        compute = _COMPUTE_64F
     else:
         compute = _COMPUTE_32F_FAST_TF32 if _tf32 else _COMPUTE_32F
-        one, beta = np.ones(1, np.float32), np.full(1, float(accumulate), np.float32)
     t = _CUDA_R[dtype]
     cublas.gemmStridedBatchedEx(
         cupy.cuda.device.get_cublas_handle(), _OP_T if tb else _OP_N, _OP_T if ta else _OP_N,
-        N, M, K, one.ctypes.data,
+        N, M, K, _SCALARS[dtype, 1],
         b.data.ptr, t, ldb, sb, a.data.ptr, t, lda, sa,
-        beta.ctypes.data, out.data.ptr, t, ldc, sc, n, compute, _GEMM_DEFAULT)
+        _SCALARS[dtype, int(accumulate)], out.data.ptr, t, ldc, sc, n, compute, _GEMM_DEFAULT)
     return out
 
 

@@ -11,7 +11,9 @@ no exponentials; for MNIST's 7x7 and 14x14 maps P is small (N <= 196).
 
 Every line is per example, so both directions go through the batch a few
 examples at a time on the CPU kernels' thread pool (autograd/parallel.py),
-each chunk writing its own slices of the outputs.
+each chunk writing its own slices of the outputs. The products go through
+backend.gemm, which on a GPU reads the transposed views (k^T, P^T, v^T) as
+they are where CuPy's matmul would copy each first.
 """
 from .. import backend
 from ..backend import get_array_module
@@ -72,9 +74,9 @@ def attention_forward(q, k, v):
 
     def chunk(i, worker):
         c = slice(i * nb, (i + 1) * nb)
-        s = xp.matmul(q[c], k[c].transpose(0, 2, 1), out=p[c])         # scores (n, Nq, Nk)
+        s = backend.gemm(q[c], k[c].transpose(0, 2, 1), p[c])         # scores (n, Nq, Nk)
         s *= scale
-        xp.matmul(softmax_forward(s, in_place=True), v[c], out=out[c])   # (n, Nq, dv)
+        backend.gemm(softmax_forward(s, in_place=True), v[c], out[c])   # (n, Nq, dv)
 
     parallel_for(n_chunks, chunk, backend.device_of(q))
     return out, p
@@ -88,11 +90,12 @@ def attention_backward(grad, q, k, v, p):
 
     def chunk(i, worker):
         c = slice(i * nb, (i + 1) * nb)
-        xp.matmul(p[c].transpose(0, 2, 1), grad[c], out=dv[c])        # (n, Nk, dv)
-        ds = softmax_backward(xp.matmul(grad[c], v[c].transpose(0, 2, 1)), p[c])   # (n, Nq, Nk)
+        backend.gemm(p[c].transpose(0, 2, 1), grad[c], dv[c])          # (n, Nk, dv)
+        dp = backend.gemm(grad[c], v[c].transpose(0, 2, 1), xp.empty_like(p[c]))   # (n, Nq, Nk)
+        ds = softmax_backward(dp, p[c])
         ds *= scale
-        xp.matmul(ds, k[c], out=dq[c])
-        xp.matmul(ds.transpose(0, 2, 1), q[c], out=dk[c])
+        backend.gemm(ds, k[c], dq[c])
+        backend.gemm(ds.transpose(0, 2, 1), q[c], dk[c])
 
     parallel_for(n_chunks, chunk, backend.device_of(q))
     return dq, dk, dv

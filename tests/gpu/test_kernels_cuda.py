@@ -30,18 +30,29 @@ def _close(got, want, dtype):
     ((3, 4, 7, 7), 3, 1, 1), ((3, 4, 9, 9), 3, 2, 1), ((2, 3, 5, 5), 1, 1, 0),
     ((2, 2, 6, 5), 3, 1, 0), ((2, 2, 6, 6), 3, 1, 2), ((4, 3, 7, 6), 3, 3, 1), ((5, 64, 28, 28), 3, 2, 1),
 ])
-def test_patch_gather_and_scatter_kernels_match_numpy(x_shape, k, stride, padding, dtype):
+@pytest.mark.parametrize("layout", ["(n, K, P)", "(K, n, P) in a wider buffer"])
+def test_patch_gather_and_scatter_kernels_match_numpy(x_shape, k, stride, padding, dtype, layout):
     rng = np.random.default_rng(0)
     x = rng.standard_normal(x_shape).astype(dtype)
     n, C, H, W = x_shape
     P = conv.output_size(H, k, stride, padding) * conv.output_size(W, k, stride, padding)
-    shape = (n, C * k * k, P)
-    want = conv.gather_patches(x, k, k, stride, padding, np.empty(shape, dtype))
-    got = conv.gather_patches(_gpu(x), k, k, stride, padding, cupy.full(shape, np.nan, dtype))
+    K = C * k * k
+
+    def patches(module, fill):
+        if layout == "(n, K, P)":
+            return module.full((n, K, P), fill, dtype)
+        # as the backward uses them: rows of a (K, (n + 1) P) buffer, one image's worth to spare
+        return module.full((K, (n + 1) * P), fill, dtype)[:, :n * P].reshape(K, n, P).transpose(1, 0, 2)
+
+    want = conv.gather_patches(x, k, k, stride, padding, patches(np, 0.0))
+    got = conv.gather_patches(_gpu(x), k, k, stride, padding, patches(cupy, np.nan))
     np.testing.assert_array_equal(cupy.asnumpy(got), want)
-    d = rng.standard_normal(shape).astype(dtype)
+    d = patches(np, 0.0)
+    d[...] = rng.standard_normal(d.shape)
+    d_gpu = patches(cupy, np.nan)
+    d_gpu[...] = _gpu(d)
     want = conv.scatter_patches(d, k, k, stride, padding, np.empty_like(x))
-    got = conv.scatter_patches(_gpu(d), k, k, stride, padding, cupy.full(x.shape, np.nan, dtype))
+    got = conv.scatter_patches(d_gpu, k, k, stride, padding, cupy.full(x.shape, np.nan, dtype))
     np.testing.assert_allclose(cupy.asnumpy(got), want, **TOL[dtype])
 
 
