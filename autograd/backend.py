@@ -316,7 +316,8 @@ def gemm(a, b, out, accumulate=False):
     transposed), the weights get a batch stride of 0, and accumulate=True
     adds into `out` (cuBLAS's beta = 1) instead of needing a sum afterwards.
     Operands whose last two axes are neither rows nor columns of memory
-    are copied first; `out` must be stored row by row.
+    are copied first, and an `out` not stored row by row gets the product
+    through a copy.
     """
     if not is_cuda_array(out):
         if accumulate:
@@ -344,8 +345,13 @@ def gemm(a, b, out, accumulate=False):
         layouts.append((x, layout))
     (a, (ta, lda, sa)), (b, (tb, ldb, sb)) = layouts
     c_layout = _matrix_layout(out)
-    if c_layout is None or c_layout[0]:
-        raise ValueError("gemm: out must be stored row by row")
+    if c_layout is None or c_layout[0]:                 # cuBLAS writes rows: go through a copy
+        product = gemm(a, b, cupy.empty(out.shape, dtype=dtype))
+        if accumulate:
+            out += product
+        else:
+            out[...] = product
+        return out
     _, ldc, sc = c_layout
     # cuBLAS counts in columns: the row-major out (M, N) is the column-major
     # out^T (N, M) = b^T a^T, so b goes first, each read transposed or not.

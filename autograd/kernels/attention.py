@@ -85,13 +85,14 @@ def attention_forward(q, k, v):
 def attention_backward(grad, q, k, v, p):
     xp = get_array_module(grad, q, k, v)
     scale = q.dtype.type(q.shape[-1] ** -0.5)
-    dq, dk, dv = xp.empty_like(q), xp.empty_like(k), xp.empty_like(v)
+    # (empty_like would copy the inputs' layout, often a transposed view)
+    dq, dk, dv = (xp.empty(a.shape, dtype=a.dtype) for a in (q, k, v))
     nb, n_chunks = _chunks(q, k)
 
     def chunk(i, worker):
         c = slice(i * nb, (i + 1) * nb)
         backend.gemm(p[c].transpose(0, 2, 1), grad[c], dv[c])          # (n, Nk, dv)
-        dp = backend.gemm(grad[c], v[c].transpose(0, 2, 1), xp.empty_like(p[c]))   # (n, Nq, Nk)
+        dp = backend.gemm(grad[c], v[c].transpose(0, 2, 1), xp.empty(p[c].shape, dtype=p.dtype))   # (n, Nq, Nk)
         ds = softmax_backward(dp, p[c])
         ds *= scale
         backend.gemm(ds, k[c], dq[c])

@@ -97,6 +97,9 @@ def test_gemm_reads_transposed_padded_and_shared_operands(dtype):
     np.testing.assert_allclose(cupy.asnumpy(out), want, **TOL[dtype])
     backend.gemm(_gpu(a_full)[:, :5], _gpu(b_t).transpose(0, 2, 1), out, accumulate=True)
     np.testing.assert_allclose(cupy.asnumpy(out), 2 * want, **TOL[dtype])
+    out_t = cupy.empty((3, 6, 7), dtype).transpose(0, 2, 1)    # an out stored column by column
+    backend.gemm(_gpu(a_full)[:, :5], _gpu(b_t).transpose(0, 2, 1), out_t)
+    np.testing.assert_allclose(cupy.asnumpy(out_t), want, **TOL[dtype])
     c = cupy.empty((5, 5), dtype)                   # a^T a: both from one array
     backend.gemm(_gpu(a_full)[:, :5].T, _gpu(a_full)[:, :5], c)
     np.testing.assert_allclose(cupy.asnumpy(c), a.T @ a, **TOL[dtype])
