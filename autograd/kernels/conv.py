@@ -2,7 +2,9 @@
 
 Layout is NCHW, weights (C_out, C_in, kH, kW), as PyTorch. CuPy 14 has no
 cuDNN module, so both backends do the same thing: gather every kH x kW patch
-into a column (im2col) and multiply by the weight matrix.
+into a column (im2col) and multiply by the weight matrix. How differs: the
+CPU's version (most of this file) is shaped by a core's cache; the GPU's
+("On a GPU", at the end) by the cost of each kernel launch.
 
 With y = conv(x, w):   y[b, o, i, j] = sum_{c, u, v} w[o, c, u, v] x_pad[b, c, s*i+u, s*j+v]
 - dL/dw is dL/dy times the same patch matrix (one matrix product), and
