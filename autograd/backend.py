@@ -255,8 +255,8 @@ def set_tf32(enabled):
 
     What it reaches: CuPy's 2-D products (cuBLAS's gemmEx with the chosen
     compute type: the linear layers) and every product of `gemm` below (the
-    convolutions). CuPy's batched `matmul` (3-D operands: attention,
-    `einsum`) does not read the setting and stays full float32. Returns
+    convolutions, attention). CuPy's batched `matmul` (3-D operands, as
+    `einsum`'s) does not read the setting and stays full float32. Returns
     whether a usable GPU took it (the variable is set either way).
     """
     global _tf32
@@ -294,6 +294,8 @@ def _matrix_layout(a):
     rows, cols = a.shape[-2:]
     s_row, s_col = (s // item for s in a.strides[-2:])
     batch = a.strides[0] // item if a.ndim == 3 else 0
+    if batch < 0:                                    # (x[::-1]) cuBLAS does not promise to take it
+        return None
     if s_col == 1 and s_row >= max(1, cols):
         return False, max(1, s_row), batch
     if s_row == 1 and s_col >= max(1, rows):
@@ -317,7 +319,8 @@ def gemm(a, b, out, accumulate=False):
     adds into `out` (cuBLAS's beta = 1) instead of needing a sum afterwards.
     Operands whose last two axes are neither rows nor columns of memory
     are copied first, and an `out` not stored row by row gets the product
-    through a copy.
+    through a copy. `out` must not overlap `a` or `b` (cuBLAS reads and
+    writes in place; np.matmul would copy).
     """
     if not is_cuda_array(out):
         if accumulate:

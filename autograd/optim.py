@@ -175,7 +175,7 @@ class Adam(Optimizer):
 
 @backend.elementwise
 def _adam_update(xp):
-    """Adam's update of one parameter, in place: one kernel per parameter on a GPU."""
+    """Adam's update of one parameter (or of the flat buffer of all), in place: one kernel on a GPU."""
     def update(p, g, m, v, b1, one_minus_b1, b2, one_minus_b2, step_size, eps_hat):
         m *= b1
         m += one_minus_b1 * g
@@ -326,6 +326,13 @@ def _ema_update(xp):
 # parameters of another dtype or device than the optimizer's state (Module.to
 # the other device) send the step back to the loop over parameters, which then
 # fails or not as it would have before.
+#
+# Two flat owners should hold the same parameters in the same order (Adam and
+# the EMA of `tinyddpm train` do): an optimizer over a subset beside an EMA
+# over all would flatten the parameters again at each of their steps, a
+# concatenate and a rebind each time. And an optimizer keeps the buffer it
+# found until its next step, GradientSplit's shared memory too after the
+# block closed.
 
 def _use_flat(flat, arrays, who):
     """Whether to work on flat buffers: `flat` when given, else on a GPU; one dtype and device needed."""

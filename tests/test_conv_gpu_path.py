@@ -3,9 +3,10 @@
 On CuPy the patch gather and its adjoint are CUDA kernels and the products go
 straight to cuBLAS; every other line of conv2d_forward_gpu/backward_gpu is the
 same on NumPy, where the gather is a strided view. So these tests check the
-layout arithmetic (batch strides,
-chunks, per-image products summed) against the direct-loop reference without a GPU;
-tests/gpu/test_conv_cuda.py checks the CUDA kernels against these.
+layout arithmetic (chunks, a short last chunk, the (O, images, pixels)
+transpose, the row of ones that gives dL/db, every choice of which gradients
+to make) against the direct-loop reference and the CPU kernels without a
+GPU; tests/gpu/test_kernels_cuda.py checks the CUDA kernels against these.
 """
 import numpy as np
 import pytest
@@ -23,13 +24,29 @@ SHAPES = [
     ((2, 3, 8, 8), (2, 3, 3, 3), 2, 0),
     ((4, 3, 7, 6), (2, 3, 3, 3), 3, 1),
     ((2, 2, 6, 1), (3, 2, 1, 5), 1, 2),
+    ((5, 2, 3, 3), (4, 2, 3, 3), 1, 0),         # a 1x1 output
 ]
 
 
-@pytest.mark.parametrize("chunk_bytes", [1 << 30, 1], ids=["one chunk", "image by image"])
+# one chunk; image by image; two images a chunk (a short last chunk for odd batches)
+CHUNKS = [(1 << 30, "one chunk"), (1, "image by image"), ("two", "two a chunk")]
+
+
+def _set_chunk(monkeypatch, chunk, x_shape, w_shape, stride, padding):
+    if chunk == "two":
+        # the backward's patches and their gradients of two images: 2-4 images a chunk forward,
+        # 2-3 backward, depending on which gradients are asked for
+        C, k1, k2 = w_shape[1:]
+        K = C * k1 * k2
+        P = conv.output_size(x_shape[2], k1, stride, padding) * conv.output_size(x_shape[3], k2, stride, padding)
+        chunk = 2 * (2 * K + 1) * P * 8
+    monkeypatch.setattr(conv, "_GPU_CHUNK_BYTES", chunk)
+
+
+@pytest.mark.parametrize("chunk", [c for c, _ in CHUNKS], ids=[n for _, n in CHUNKS])
 @pytest.mark.parametrize("x_shape, w_shape, stride, padding", SHAPES)
-def test_gpu_conv_path_matches_the_reference(x_shape, w_shape, stride, padding, chunk_bytes, monkeypatch):
-    monkeypatch.setattr(conv, "_GPU_CHUNK_BYTES", chunk_bytes)
+def test_gpu_conv_path_matches_the_reference(x_shape, w_shape, stride, padding, chunk, monkeypatch):
+    _set_chunk(monkeypatch, chunk, x_shape, w_shape, stride, padding)
     rng = np.random.default_rng(0)
     x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
     b = rng.standard_normal(w_shape[0])
@@ -40,11 +57,15 @@ def test_gpu_conv_path_matches_the_reference(x_shape, w_shape, stride, padding, 
         y = conv.conv2d_forward_gpu(x, w, stride, padding, bias=bias, add=extra)
         np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
     grad = rng.standard_normal(y_ref.shape)
-    dx, dw, db = conv.conv2d_backward_gpu(grad, x, w, stride, padding, True, True, True)
-    # dL/dx and dL/dw as the adjoint: <dL/dy, conv(dx_probe)> etc. via the CPU kernel
-    want = conv.conv2d_backward(grad, x, w, stride, padding, True, True, True)
-    for got, ref in zip((dx, dw, db), want):
-        np.testing.assert_allclose(got, ref, rtol=1e-11, atol=1e-11)
+    want = conv.conv2d_backward(grad, x, w, stride, padding, True, True, True)     # the CPU kernel
+    for need in [(True, True, True), (True, False, False), (False, True, False), (False, False, True),
+                 (True, False, True), (False, True, True), (True, True, False)]:
+        got = conv.conv2d_backward_gpu(grad, x, w, stride, padding, *need)
+        for g, ref, needed in zip(got, want, need):
+            if not needed:
+                assert g is None
+            else:
+                np.testing.assert_allclose(g, ref, rtol=1e-11, atol=1e-11)
 
 
 def test_gpu_conv_gradients_by_finite_differences():
@@ -97,3 +118,15 @@ def test_matrix_layout_reads_rows_columns_and_batch_strides(shape, strides, want
     base = np.zeros(1000, np.float32)
     a = np.lib.stride_tricks.as_strided(base, shape, strides)
     assert backend._matrix_layout(a) == want
+
+
+def test_patch_strides_accept_any_stride_on_an_axis_of_length_one():
+    """CuPy's reshape gives an axis of length 1 the next axis's stride (a 1x1
+    output, one image in a chunk): the rows are still runs of memory."""
+    base = np.zeros(64)
+    cols = np.lib.stride_tricks.as_strided(base, (1, 4, 1), (32, 32, 32))
+    assert conv._cols_strides(cols, base.dtype) == (4, 4)
+    with pytest.raises(ValueError, match="runs of memory"):
+        conv._cols_strides(np.lib.stride_tricks.as_strided(base, (1, 4, 2), (32, 8, 16)), base.dtype)
+    with pytest.raises(TypeError, match="dtype"):
+        conv._cols_strides(cols, np.float32)

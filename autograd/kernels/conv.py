@@ -646,12 +646,17 @@ _GPU_CHUNK_BYTES = 256 << 20
 
 
 def _gpu_chunk(B, per_image_values, itemsize):
-    return max(1, min(B, _GPU_CHUNK_BYTES // max(1, per_image_values * itemsize)))
+    """Images per chunk: within _GPU_CHUNK_BYTES, and at most 65535 (the kernels' grid)."""
+    return max(1, min(B, 65535, _GPU_CHUNK_BYTES // max(1, per_image_values * itemsize)))
 
 
-def _cols_strides(cols):
-    """(image stride, row stride) in values of a patch matrix (n, K, P) whose rows are runs of memory."""
-    if cols.strides[2] != cols.itemsize:
+def _cols_strides(cols, dtype):
+    """(image stride, row stride) in values of a patch matrix (n, K, P) whose
+    rows are runs of memory, of the kernel's dtype. (An axis of length 1 may
+    have any stride: CuPy's reshape gives it the next axis's.)"""
+    if cols.dtype != dtype:
+        raise TypeError(f"patch matrix of dtype {cols.dtype} for arrays of {dtype}")
+    if cols.shape[2] > 1 and cols.strides[2] != cols.itemsize:
         raise ValueError(f"patch matrix rows must be runs of memory, got strides {cols.strides}")
     return cols.strides[0] // cols.itemsize, cols.strides[1] // cols.itemsize
 
@@ -664,7 +669,7 @@ def gather_patches(x, kh, kw, stride, padding, cols):
     if backend.is_cuda_array(x):
         x = backend.cupy.ascontiguousarray(x)
         kernel = backend.cuda_kernel(_GPU_SOURCE, "im2col", x.dtype)
-        image_stride, row_stride = _cols_strides(cols)
+        image_stride, row_stride = _cols_strides(cols, x.dtype)
         kernel(*_grid(Ho * Wo, C, n), (x, cols, *_i32(C, H, W, kh, kw, stride, padding, Ho, Wo),
                                                  *_i64(image_stride, row_stride)))
         return cols
@@ -683,8 +688,10 @@ def scatter_patches(dcols, kh, kw, stride, padding, dx):
     n, C, H, W = dx.shape
     Ho, Wo = output_size(H, kh, stride, padding), output_size(W, kw, stride, padding)
     if backend.is_cuda_array(dx):
+        if not dx.flags.c_contiguous:
+            raise ValueError("scatter_patches: dx must be C-contiguous")
         kernel = backend.cuda_kernel(_GPU_SOURCE, "col2im", dx.dtype)
-        image_stride, row_stride = _cols_strides(dcols)
+        image_stride, row_stride = _cols_strides(dcols, dx.dtype)
         kernel(*_grid(H * W, C, n), (dcols, dx, *_i32(C, H, W, kh, kw, stride, padding, Ho, Wo),
                                      *_i64(image_stride, row_stride)))
         return dx
@@ -769,12 +776,13 @@ def conv2d_backward_gpu(grad, x, w, stride=1, padding=0, need_x=True, need_w=Tru
     if need_x and one_by_one:                                           # dx[b] = w^T dL/dy[b]
         backend.gemm(w2.T, xp.ascontiguousarray(grad).reshape(B, O, P), dx.reshape(B, C, P))
     patches_x = need_x and not one_by_one
-    if not (need_w or need_b or patches_x):
-        return dx, None, None
+    if not (need_w or patches_x) or B == 0:                             # no product over patches
+        db = grad.sum(axis=(0, 2, 3)) if need_b else None
+        return dx, (xp.zeros(w.shape, dtype=grad.dtype) if need_w else None), db
     # dL/dy as (O, images, pixels): a chunk of n images is then one matrix (O, n*P)
     g_t = xp.empty((O, B, P), dtype=grad.dtype)
     g_t[...] = grad.reshape(B, O, P).transpose(1, 0, 2)
-    weights = need_w or need_b
+    weights = need_w
     ones = int(need_b)                  # a row of ones under the patches: its column of dL/dw is dL/db
     nb = _gpu_chunk(B, (K + ones) * P * weights + K * P * patches_x, x.itemsize)
     if weights:
@@ -789,14 +797,15 @@ def conv2d_backward_gpu(grad, x, w, stride=1, padding=0, need_x=True, need_w=Tru
         g = g_t[:, b0:b0 + n].reshape(O, n * P)                         # a view, rows B*P apart
         if weights:                                                     # [dL/dw dL/db] = g [cols; 1]^T
             c = cols[:, :n * P]
-            if need_w:
-                gather_patches(x[b0:b0 + n], kh, kw, stride, padding,
-                               c[:K].reshape(K, n, P).transpose(1, 0, 2))
+            gather_patches(x[b0:b0 + n], kh, kw, stride, padding, c[:K].reshape(K, n, P).transpose(1, 0, 2))
             backend.gemm(g, c.T, dwb, accumulate=b0 > 0)
         if patches_x:                                                   # patch gradients, put back
             d = dcols[:, :n * P]
             backend.gemm(w2.T, g, d)
             scatter_patches(d.reshape(K, n, P).transpose(1, 0, 2), kh, kw, stride, padding, dx[b0:b0 + n])
     dw = xp.ascontiguousarray(dwb[:, :K]).reshape(w.shape) if need_w else None
-    db = xp.ascontiguousarray(dwb[:, K]) if need_b else None
+    if need_b:
+        db = xp.ascontiguousarray(dwb[:, K]) if weights else g_t.reshape(O, B * P).sum(axis=1)
+    else:
+        db = None
     return dx, dw, db

@@ -29,7 +29,7 @@ temporaries, which is what these element-wise ops cost on a CPU:
       alpha = rstd w,   beta = -rstd^2 mean(dxhat xhat),
       gamma = rstd (mean rstd mean(dxhat xhat) - mean(dxhat)).
 """
-from ..backend import cuda_kernel, device_of, elementwise, get_array_module, narrow_buffer, restore_buffer
+from ..backend import cuda_kernel, device_of, get_array_module, narrow_buffer, restore_buffer
 from ..parallel import Scratch, parallel_for
 
 
@@ -76,13 +76,13 @@ def group_norm_backward(grad, xhat, rstd, num_groups, weight):
 # chunks also go to the thread pool (autograd/parallel.py), where each one's
 # NumPy calls must be long enough for the threads not to queue for the GIL
 # between them: 1 MB chunks made a 2-thread training step 8% faster than
-# 256 KB ones. A GPU wants one chunk: the whole batch.
-_CHUNK_BYTES = {"cpu": 1 << 20, "cuda": 1 << 40}
+# 256 KB ones. (A GPU has kernels of its own, at the end of this file.)
+_CHUNK_BYTES = {"cpu": 1 << 20}
 
 
 def _chunk(x3):
     B, C, S = x3.shape
-    return max(1, min(B, _CHUNK_BYTES[device_of(x3)] // max(1, C * S * x3.itemsize)))
+    return max(1, min(B, _CHUNK_BYTES["cpu"] // max(1, C * S * x3.itemsize)))
 
 
 def _scale_shift(mean, rstd, weight, bias):
@@ -284,80 +284,13 @@ def _backward_terms(sum_g, sum_gx, m, r, w, scale, n_group):
 
 
 # =============================================================================
-# On a GPU: the whole batch at once, the element-wise parts fused
-# =============================================================================
-# A GPU gains nothing from chunks (they exist for a CPU core's cache) and loses
-# on every extra kernel launch and full-size temporary. The statistics are
-# CuPy reductions as above; each element-wise chain is one kernel
-# (backend.elementwise): normalize (+ SiLU) forward, SiLU's derivative, and
-# dL/dx backward. The tests run these same functions on NumPy against the
-# CPU kernels.
-
-@elementwise
-def _normalize(xp):
-    """y = x a + c."""
-    def normalize(x, a, c):
-        return x * a + c
-    return normalize
-
-
-@elementwise
-def _normalize_silu(xp):
-    """(y, u) = (silu(z), 1 + tanh(z / 2)) for z = x a + c, given a / 2 and c / 2 (as the CPU kernel)."""
-    def normalize_silu(x, a_half, c_half):
-        h = x * a_half + c_half                                         # z / 2
-        u = 1 + xp.tanh(h)
-        return h * u, u
-    return normalize_silu
-
-
-@elementwise
-def _silu_grad(xp):
-    """2 dL/dz from dL/dy and SiLU's saved y, u (group_norm_fused_backward's docstring)."""
-    def silu_grad(g, y, u):
-        return g * (u + y * (2 - u))
-    return silu_grad
-
-
-@elementwise
-def _input_grad(xp):
-    """dL/dx = gz alpha + x beta + gamma."""
-    def input_grad(gz, alpha, x, beta, gamma):
-        return gz * alpha + x * beta + gamma
-    return input_grad
-
-
-def _forward_whole_batch(x3, G, weight, bias, eps, silu, n_group):
-    B, C, S = x3.shape
-    half = x3.dtype.type(0.5)
-    mean, rstd = _statistics(*_group_sums(x3.reshape(B, G, -1)), n_group, eps)
-    a, c = _scale_shift(mean, rstd, weight, bias)
-    if not silu:
-        return _normalize(x3, a, c), mean, rstd, None
-    y, u = _normalize_silu(x3, a * half, c * half)
-    return y, mean, rstd, u
-
-
-def _backward_whole_batch(g3, x3, mean, rstd, w, scale, n_group, y3=None, u3=None):
-    B, C, S = x3.shape
-    G = w.shape[0]
-    gz = g3 if y3 is None else _silu_grad(g3, y3, u3)
-    dweight_b, dbias_b, alpha, beta, gamma = _backward_terms(
-        *_channel_sums(gz, x3), mean[:, :, None], rstd[:, :, None], w, scale, n_group)
-    # beta and gamma are per group: repeated per channel, so that all three
-    # coefficients broadcast over x3's (B, C, S) alike (small arrays).
-    xp = get_array_module(x3)
-    beta, gamma = (xp.broadcast_to(v, (B, G, C // G)).reshape(B, C, 1) for v in (beta, gamma))
-    return _input_grad(gz, alpha, x3, beta, gamma), dweight_b.sum(axis=0), dbias_b.sum(axis=0)
-
-
-# =============================================================================
 # On a GPU: one kernel of our own per direction
 # =============================================================================
-# The whole-batch path above is about twenty CuPy calls a group norm (sums,
-# the small per-group arithmetic, the fused element-wise kernel) and twice
-# that backward: on an H100, 35 group norms + SiLU of a mnist training step at
-# batch 128 took 50 ms, nearly all of it the host issuing kernels. Here one
+# Until the twelfth round the GPU ran the arithmetic above on the whole batch
+# at once, its element-wise chains fused with cupy.fuse: about twenty CuPy
+# calls a group norm and twice that backward. On an H100, 35 group norms +
+# SiLU of a mnist training step at batch 128 took 50 ms, nearly all of it the
+# host issuing kernels (8.7 ms with the kernels below). Here one
 # thread block per (example, group) does everything for its group: the sums,
 # the statistics and the normalization (+ SiLU) forward; the per-channel sums
 # and dL/dx backward. Sums are kept in double; the arithmetic is that of the
@@ -506,8 +439,11 @@ def _forward_cuda(x3, G, weight, bias, eps, silu, keep_u):
     y = xp.empty_like(x3)
     u = xp.empty_like(x3) if silu and keep_u else None
     mean, rstd = xp.empty((B, G), dtype=x3.dtype), xp.empty((B, G), dtype=x3.dtype)
+    if B == 0:
+        return y, mean, rstd, u
+    weight, bias = (xp.ascontiguousarray(a, dtype=x3.dtype) for a in (weight, bias))
     kernel = cuda_kernel(_GPU_SOURCE, "group_norm_forward", x3.dtype)
-    kernel((B * G,), (_BLOCK,), (x3, xp.ascontiguousarray(weight), xp.ascontiguousarray(bias), y,
+    kernel((B * G,), (_BLOCK,), (x3, weight, bias, y,
                                  y if u is None else u, mean, rstd, np.int32(C), np.int32(S),
                                  np.int32(G), np.float64(eps), np.int32(silu), np.int32(u is not None)))
     return y, mean, rstd, u
@@ -525,9 +461,11 @@ def _backward_cuda(g3, x3, mean, rstd, weight, y3=None, u3=None):
     u3 = xp.ascontiguousarray(u3) if silu else x3
     dx = xp.empty_like(x3)
     dweight_b, dbias_b = xp.empty((B, C), dtype=x3.dtype), xp.empty((B, C), dtype=x3.dtype)
+    if B == 0:
+        return dx, xp.zeros(C, dtype=x3.dtype), xp.zeros(C, dtype=x3.dtype)
+    mean, rstd, weight = (xp.ascontiguousarray(a, dtype=x3.dtype) for a in (mean, rstd, weight))
     kernel = cuda_kernel(_GPU_SOURCE, "group_norm_backward", x3.dtype)
-    kernel((B * G,), (_BLOCK,), (g3, x3, y3, u3, xp.ascontiguousarray(mean), xp.ascontiguousarray(rstd),
-                                 xp.ascontiguousarray(weight), dx, dweight_b, dbias_b,
+    kernel((B * G,), (_BLOCK,), (g3, x3, y3, u3, mean, rstd, weight, dx, dweight_b, dbias_b,
                                  np.int32(C), np.int32(S), np.int32(G), np.int32(silu)))
     dweight, dbias = xp.empty(C, dtype=x3.dtype), xp.empty(C, dtype=x3.dtype)
     sums = cuda_kernel(_GPU_SOURCE, "sum_over_batch", x3.dtype)

@@ -61,12 +61,16 @@ def test_patch_gather_and_scatter_kernels_match_numpy(x_shape, k, stride, paddin
     ((4, 64, 28, 28), (64, 64, 3, 3), 1, 1), ((4, 64, 28, 28), (64, 64, 3, 3), 2, 1),
     ((4, 192, 14, 14), (128, 192, 1, 1), 1, 0), ((4, 256, 7, 7), (128, 256, 3, 3), 1, 1),
     ((3, 1, 28, 28), (64, 1, 3, 3), 1, 1), ((3, 64, 28, 28), (1, 64, 3, 3), 1, 1),
-    ((2, 3, 8, 8), (2, 3, 3, 3), 2, 0), ((2, 2, 6, 1), (3, 2, 1, 5), 1, 2),
+    ((2, 3, 8, 8), (2, 3, 3, 3), 2, 0), ((2, 2, 6, 1), (3, 2, 1, 5), 1, 2), ((5, 2, 3, 3), (4, 2, 3, 3), 1, 0),
 ])
-@pytest.mark.parametrize("chunk_bytes", [256 << 20, 1], ids=["one chunk", "image by image"])
-def test_conv_on_the_gpu_matches_the_cpu_kernels(x_shape, w_shape, stride, padding, chunk_bytes, dtype,
+@pytest.mark.parametrize("chunk", ["one", "image by image", "two"],
+                         ids=["one chunk", "image by image", "two a chunk (short last chunks)"])
+def test_conv_on_the_gpu_matches_the_cpu_kernels(x_shape, w_shape, stride, padding, chunk, dtype,
                                                  monkeypatch):
-    monkeypatch.setattr(conv, "_GPU_CHUNK_BYTES", chunk_bytes)
+    C, k1, k2 = w_shape[1:]
+    P = conv.output_size(x_shape[2], k1, stride, padding) * conv.output_size(x_shape[3], k2, stride, padding)
+    monkeypatch.setattr(conv, "_GPU_CHUNK_BYTES", {"one": 256 << 20, "image by image": 1,
+                                                   "two": 2 * (2 * C * k1 * k2 + 1) * P * 8}[chunk])
     rng = np.random.default_rng(1)
     x, w = rng.standard_normal(x_shape).astype(dtype), (0.1 * rng.standard_normal(w_shape)).astype(dtype)
     b = rng.standard_normal(w_shape[0]).astype(dtype)
@@ -77,10 +81,14 @@ def test_conv_on_the_gpu_matches_the_cpu_kernels(x_shape, w_shape, stride, paddi
     _close(got, want, dtype)
     grad = rng.standard_normal(y.shape).astype(dtype)
     want = conv.conv2d_backward(grad, x, w, stride, padding, True, True, True)
-    got = conv.conv2d_backward(_gpu(grad), _gpu(x), _gpu(w), stride, padding, True, True, True)
-    for g, ref in zip(got, want):
-        assert isinstance(g, cupy.ndarray) and g.dtype == dtype
-        _close(g, ref, dtype)
+    for need in [(True, True, True), (True, False, False), (False, True, False), (False, False, True)]:
+        got = conv.conv2d_backward(_gpu(grad), _gpu(x), _gpu(w), stride, padding, *need)
+        for g, ref, needed in zip(got, want, need):
+            if not needed:
+                assert g is None
+                continue
+            assert isinstance(g, cupy.ndarray) and g.dtype == dtype
+            _close(g, ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
