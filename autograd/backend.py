@@ -67,6 +67,11 @@ def to_device(a, device):
     raise ValueError(f"unknown device {device!r}; expected 'cpu' or 'cuda'")
 
 
+def data_address(a):
+    """Where an array's first element lives (a device address for a CuPy array)."""
+    return a.data.ptr if is_cuda_array(a) else a.__array_interface__["data"][0]
+
+
 def to_numpy(a):
     """A host (NumPy) copy or view of any backend array."""
     return cupy.asnumpy(a) if is_cuda_array(a) else np.asarray(a)

@@ -376,19 +376,14 @@ class _Flat:
         base = arrays[0].base       # NumPy and CuPy point a view of a view at the array first cut
         if type(base) is not type(arrays[0]) or base.ndim != 1 or not base.flags.c_contiguous:
             return None
-        start = end = _address(arrays[0])
+        start = end = backend.data_address(arrays[0])
         for a in arrays:
             if a.base is not base or a.dtype != base.dtype or not a.flags.c_contiguous \
-                    or _address(a) != end:
+                    or backend.data_address(a) != end:
                 return None
             end += a.nbytes
-        first = (start - _address(base)) // base.itemsize
+        first = (start - backend.data_address(base)) // base.itemsize
         return cls(base[first:first + (end - start) // base.itemsize], list(arrays))
-
-
-def _address(a):
-    """Where an array's first element lives (a device address for a CuPy array)."""
-    return a.data.ptr if backend.is_cuda_array(a) else a.__array_interface__["data"][0]
 
 
 def _flatten_params(params, flat, like):
