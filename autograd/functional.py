@@ -2,17 +2,15 @@
 
 Each op is a small Function class, forward and backward side by side, followed
 by the lowercase function users call, which checks its arguments and names the
-shapes when they do not fit. The heavier kernels (convolution, group norm,
-attention) live in `kernels/` as plain array functions; here they are only
-wired into the graph.
+shapes when they do not fit. The heavier array work (convolution, group norm,
+attention) is done by the kernels of `kernels/`, plain functions on arrays
+whose formulas their docstrings give; here they are only wired into the graph.
 """
 import numpy as np
 
 from . import backend
-from .kernels import attention as attn_k
-from .kernels import conv as conv_k
-from .kernels import norm as norm_k
-from .tensor import Function, Tensor, is_grad_enabled, unbroadcast
+from .kernels import activations, attention as attn_k, conv as conv_k, norm as norm_k
+from .tensor import Function, Tensor
 
 
 def _as_tensor(x):
@@ -33,13 +31,6 @@ def _shape(t):
 # Activations
 # =============================================================================
 
-def _sigmoid(x):
-    """1 / (1 + e^-x) without overflow: only exp(-|x|) <= 1 is ever computed."""
-    xp = backend.get_array_module(x)
-    e = xp.exp(-xp.abs(x))
-    return xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
-
-
 class ReLU(Function):
     def forward(self, x):
         self.positive = x > 0
@@ -51,7 +42,7 @@ class ReLU(Function):
 
 class Sigmoid(Function):
     def forward(self, x):
-        self.y = _sigmoid(x)
+        self.y = activations.sigmoid(x)
         return self.y
 
     def backward(self, grad):
@@ -68,33 +59,15 @@ class Tanh(Function):
 
 
 class SiLU(Function):
-    """x * sigmoid(x);  d/dx = s + x s (1 - s) = s (1 + x (1 - s)).
-
-    The UNet runs this on every activation map twice per block, so both
-    directions work in place on one new array: on a CPU an element-wise op
-    costs its passes over memory, and each temporary is one more. Here
-    sigmoid(x) = (1 + tanh(x / 2)) / 2, which cannot overflow and is one
-    vectorized call, where the exp form of `_sigmoid` needs a select. (In
-    float32, s rounds to 0 below x = -17, where the exact silu is under 1e-6.)
-    """
+    """x * sigmoid(x) (Elfwing et al. 2018);  d/dx = s (1 + x (1 - s)) with s = sigmoid(x)."""
 
     def forward(self, x):
-        xp = backend.get_array_module(x)
-        half = x.dtype.type(0.5)
-        s = x * half
-        xp.tanh(s, out=s)
-        s *= half
-        s += half
-        self.x, self.s = x, s
-        return x * s
+        y, self.s = activations.silu_forward(x)
+        self.x = x
+        return y
 
     def backward(self, grad):
-        d = 1 - self.s
-        d *= self.x
-        d += 1
-        d *= self.s
-        d *= grad
-        return d
+        return activations.silu_backward(grad, self.x, self.s)
 
 
 def relu(x):
@@ -194,37 +167,25 @@ def linear(x, w, b=None):
 # =============================================================================
 
 class Conv2d(Function):
-    """y = conv(x, w) + b + add, the last two optional: inputs (x, w[, b][, add])."""
+    """y = conv(x, w) + b; inputs (x, w) or (x, w, b). The arithmetic is in kernels/conv.py."""
 
-    def __init__(self, stride, padding, has_bias=False, has_add=False):
+    def __init__(self, stride, padding):
         self.stride, self.padding = stride, padding
-        self.has_bias, self.has_add = has_bias, has_add
 
-    def forward(self, x, w, *rest):
-        b = rest[0] if self.has_bias else None
-        add = rest[-1] if self.has_add else None
+    def forward(self, x, w, b=None):
         self.x, self.w = x, w
-        self.add_shape = None if add is None else add.shape
-        return conv_k.conv2d_forward(x, w, self.stride, self.padding, bias=b, add=add)
+        return conv_k.conv2d_forward(x, w, b, self.stride, self.padding)
 
     def backward(self, grad):
         need = self.needs_input_grad
         dx, dw, db = conv_k.conv2d_backward(grad, self.x, self.w, self.stride, self.padding,
                                             need_x=need[0], need_w=need[1],
-                                            need_b=self.has_bias and need[2])
-        grads = (dx, dw) + ((db,) if self.has_bias else ())
-        if self.has_add:            # an addition passes dL/dy on, summed over any broadcast axes
-            grads += (unbroadcast(grad, self.add_shape) if need[-1] else None,)
-        return grads
+                                            need_b=len(need) == 3 and need[2])
+        return (dx, dw, db) if len(need) == 3 else (dx, dw)
 
 
-def conv2d(x, w, b=None, stride=1, padding=0, add=None):
-    """2-D cross-correlation, NCHW, weight (C_out, C_in, kH, kW), as PyTorch's conv2d.
-
-    `add` (optional, broadcasting to the output's shape) is added to the
-    output as it is written: conv2d(x, w, b, add=r) equals conv2d(x, w, b) + r
-    without a pass of its own over memory.
-    """
+def conv2d(x, w, b=None, stride=1, padding=0):
+    """2-D cross-correlation, NCHW, weight (C_out, C_in, kH, kW), as PyTorch's conv2d."""
     x, w = _as_tensor(x), _as_tensor(w)
     if x.ndim != 4 or w.ndim != 4:
         raise ValueError(f"conv2d: expected input (B, C, H, W) and weight (C_out, C_in, kH, kW), "
@@ -240,21 +201,9 @@ def conv2d(x, w, b=None, stride=1, padding=0, add=None):
                          f"({H}, {W}) of {_shape(x)}")
     if b is not None and _shape(b) != (w.shape[0],):
         raise ValueError(f"conv2d: bias {_shape(b)} does not fit weight {_shape(w)}")
-    stride, padding = int(stride), int(padding)
-    if add is not None:
-        add = _as_tensor(add)
-        out = (x.shape[0], w.shape[0], conv_k.output_size(x.shape[2], w.shape[2], stride, padding),
-               conv_k.output_size(x.shape[3], w.shape[3], stride, padding))
-        try:
-            fits = np.broadcast_shapes(_shape(add), out) == out
-        except ValueError:
-            fits = False
-        if not fits:
-            raise ValueError(f"conv2d: add {_shape(add)} does not broadcast to the output {out}")
-    _check_float_dtypes("conv2d", x, w, b, add)
-    fn = Conv2d(stride, padding, has_bias=b is not None, has_add=add is not None)
-    inputs = (x, w) + (() if b is None else (_as_tensor(b),)) + (() if add is None else (add,))
-    return fn(*inputs)
+    _check_float_dtypes("conv2d", x, w, b)
+    fn = Conv2d(int(stride), int(padding))
+    return fn(x, w) if b is None else fn(x, w, _as_tensor(b))
 
 
 class UpsampleNearest2d(Function):
@@ -282,46 +231,36 @@ def upsample_nearest2d(x, scale_factor=2):
 # =============================================================================
 
 class GroupNorm(Function):
+    """The arithmetic is in kernels/norm.py; `saved` is whatever its backward needs."""
+
     def __init__(self, num_groups, eps):
         self.num_groups, self.eps = num_groups, eps
 
     def forward(self, x, weight, bias):
-        self.x, self.weight = x, weight
-        y, self.mean, self.rstd, _ = norm_k.group_norm_fused_forward(x, self.num_groups, weight, bias,
-                                                                     self.eps)
+        y, self.saved = norm_k.group_norm_forward(x, self.num_groups, weight, bias, self.eps)
         return y
 
     def backward(self, grad):
-        return norm_k.group_norm_fused_backward(grad, self.x, self.mean, self.rstd, self.num_groups,
-                                                self.weight)
+        return norm_k.group_norm_backward(grad, self.saved)
 
 
 class GroupNormSiLU(Function):
-    """silu(group_norm(x)) as one op: every GroupNorm of a ResBlock (and the
-    UNet's last one) is followed by SiLU.
+    """silu(group_norm(x)) as one op: every GroupNorm of the UNet is followed by SiLU.
 
-    Same value and gradients as `silu(group_norm(x, ...))` (the tests' oracle),
-    in fewer passes over memory, a few images at a time (`kernels/norm.py`).
-    Saves x, the output y, u = 1 + tanh(z / 2) = 2 sigmoid(z) of the
-    normalized map z and the (B, G) statistics: one full-size array besides
-    x and y, where the pair of ops saves two (the normalized map and its
-    sigmoid).
+    Same value and gradients as the two ops in a row (the tests' oracle). As
+    one op its kernels may work in fewer passes over memory and save less
+    for the backward, which the fast layer's twins do.
     """
 
     def __init__(self, num_groups, eps):
         self.num_groups, self.eps = num_groups, eps
 
     def forward(self, x, weight, bias):
-        self.x, self.weight = x, weight
-        # u is only needed by backward; under no_grad (sampling) it is not kept.
-        y, self.mean, self.rstd, self.u = norm_k.group_norm_fused_forward(
-            x, self.num_groups, weight, bias, self.eps, silu=True, keep_u=is_grad_enabled())
-        self.y = y      # no op writes into its input, so the output can be kept as is
+        y, self.saved = norm_k.group_norm_silu_forward(x, self.num_groups, weight, bias, self.eps)
         return y
 
     def backward(self, grad):
-        return norm_k.group_norm_fused_backward(grad, self.x, self.mean, self.rstd, self.num_groups,
-                                                self.weight, self.y, self.u)
+        return norm_k.group_norm_silu_backward(grad, self.saved)
 
 
 def _group_norm_args(op, x, num_groups, weight, bias):
@@ -349,7 +288,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
 
 
 def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5):
-    """silu(group_norm(x, num_groups, weight, bias, eps)), fused into one op."""
+    """silu(group_norm(x, num_groups, weight, bias, eps)) as one op."""
     return GroupNormSiLU(num_groups, eps)(*_group_norm_args("group_norm_silu", x, num_groups,
                                                             weight, bias))
 

@@ -139,17 +139,15 @@ def test_learning_rate_warms_up_linearly():
 # =============================================================================
 
 def patch_loss(monkeypatch, at_call, action):
-    """Wrap GaussianDiffusion.eps_loss so that `action(loss)` replaces the loss of call number
-    `at_call` in this process (a training step split over processes calls it in each; the
-    forked ones count too, but leave their slices alone)."""
-    original, calls, here = GaussianDiffusion.eps_loss, [], os.getpid()
+    """Wrap GaussianDiffusion.loss so that `action(loss)` replaces the loss of call number `at_call`."""
+    original, calls = GaussianDiffusion.loss, []
 
-    def eps_loss(self, model, x_t, t, noise):
-        value = original(self, model, x_t, t, noise)
+    def loss(self, model, x0, rng):
+        value = original(self, model, x0, rng)
         calls.append(1)
-        return action(value) if len(calls) == at_call and os.getpid() == here else value
+        return action(value) if len(calls) == at_call else value
 
-    monkeypatch.setattr(GaussianDiffusion, "eps_loss", eps_loss)
+    monkeypatch.setattr(GaussianDiffusion, "loss", loss)
 
 
 def test_sigterm_saves_after_the_current_step_and_says_how_to_resume(one_go, tmp_path, monkeypatch, capsys):

@@ -177,20 +177,10 @@ class GaussianDiffusion:
         takes the mean, which only rescales the learning rate). backward() on it
         reaches the model's parameters.
         """
-        return self.eps_loss(model, *self.loss_inputs(x0, rng))
-
-    def loss_inputs(self, x0, rng):
-        """(x_t, t, eps) for the loss of one batch: t ~ U{0..T-1} and eps ~ N(0, I)
-        drawn in that order, x_t = q_sample(x0, t, eps). loss() is
-        eps_loss(model, *loss_inputs(x0, rng)); the two halves apart let a
-        training step split the batch after the draws (autograd/processes.py)."""
         x0 = _array(x0)
-        t = rng.integers(0, self.T, size=x0.shape[0])
-        noise = rng.standard_normal(x0.shape, dtype=x0.dtype)
-        return self.q_sample(x0, t, noise), t, noise
-
-    def eps_loss(self, model, x_t, t, noise):
-        """mean((eps - eps_theta(x_t, t))^2) over every element: eq. 14 given x_t, t and eps."""
+        t = rng.integers(0, self.T, size=x0.shape[0])                  # t ~ Uniform({1, ..., T})
+        noise = rng.standard_normal(x0.shape, dtype=x0.dtype)          # eps ~ N(0, I)
+        x_t = self.q_sample(x0, t, noise)                              # eq. 4
         return F.mse_loss(self.model_eps(model, x_t, t), Tensor(noise))
 
     # =========================================================================

@@ -9,11 +9,10 @@ than the raw weights of the last step). `steps=K` runs a respaced chain of
 K steps instead of all T (Nichol & Dhariwal 2021); `sampler="ddim"` runs
 DDIM (Song et al. 2021), deterministic for eta = 0.
 
-On a CPU with several cores each network call is split over as many
-processes, a slice of the batch each (autograd/processes.py, BatchSplit):
-Python threads share one interpreter lock, processes do not. The images
-are those of one process to float32 rounding (bit for bit for mnist-tiny
-in the cases tried; OpenBLAS's kernel for a product can depend on its size).
+The network is called through `nn.batch_parallel(model)`: the model
+itself, unless autograd's fast layer splits each call's batch over
+processes on a CPU with several cores (the images are then those of one
+process to float32 rounding).
 
     from tinyddpm.sample import sample_checkpoint
     images = sample_checkpoint("runs/x/checkpoint.npz", n=64, steps=100)   # (64, 1, 28, 28) in [-1, 1]
@@ -24,8 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from autograd import backend
-from autograd.processes import BatchSplit
+from autograd import backend, nn
 from tinyddpm.checkpoint import load_checkpoint
 from tinyddpm.train import build_diffusion, build_model
 
@@ -89,7 +87,7 @@ def sample_checkpoint(checkpoint_path, n, steps=None, sampler="ancestral", eta=0
     rng = backend.default_rng(seed, device)
     size = checkpoint.config.image_size
     chunks, kept = [], None
-    with BatchSplit(model, device=device) as net:    # the workers fork once, with the weights loaded
+    with nn.batch_parallel(model) as net:
         for start in range(0, n, batch_size):
             shape = (min(batch_size, n - start), 1, size, size)
             snapshots = TRAJECTORY_SNAPSHOTS[trajectory] if trajectory and start == 0 else False

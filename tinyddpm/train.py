@@ -26,15 +26,14 @@ reseeds them from (seed, step): the data order is still restored exactly
 and the continuation is reproducible, but not identical to an
 uninterrupted run.
 
-Cores. On a CPU with several, each step's batch is split over as many
-processes (autograd/processes.py, GradientSplit; Python threads would queue
-for the interpreter lock): the t and eps are drawn for the whole batch as
-before, each process takes a slice, and the gradients are summed. Each
-process then draws its dropout masks from a generator seeded by (seed,
-step, process), so a resumed run repeats them. The result depends on the
-number of processes (the kernels' thread count) in its rounding, and, with
-dropout, in its masks: resuming with as many processes gives the same
-bit-identical checkpoints as above (TINYDDPM_PROCESSES sets the number).
+Cores. The loop calls the model through `nn.batch_parallel(model)`, which
+is the model itself unless autograd's fast layer splits each batch over
+processes on a CPU with several cores (autograd/fast/processes.py). Split,
+the result depends on the number of processes in its rounding and, with
+dropout, in its masks (each process draws its own, seeded from the engine's
+global generator, whose state a checkpoint stores): resuming with as many
+processes gives the same bit-identical checkpoints as above
+(TINYDDPM_PROCESSES sets the number).
 
 Stopping. A non-finite loss or gradient stops the run at once without
 saving (the last good checkpoint stays). Ctrl-C or SIGTERM finish the
@@ -55,9 +54,8 @@ from pathlib import Path
 import numpy as np
 
 import autograd
-from autograd import backend
+from autograd import backend, nn
 from autograd.optim import EMA, Adam, clip_grad_norm
-from autograd.processes import BatchSplit, GradientSplit
 from tinyddpm import schedule
 from tinyddpm.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from tinyddpm.config import TrainConfig
@@ -382,9 +380,6 @@ def train(plan, reporter=None):
     (out / CONFIG).write_text(config.to_json() + "\n")
 
     saved = {"step": start if plan.checkpoint is not None else None}
-    # The loss and backward of a batch, split over processes inside its block.
-    grads = GradientSplit(params, lambda x_t, t, noise: diffusion.eps_loss(model, x_t, t, noise),
-                          device=device)
 
     def save(step):
         save_checkpoint(out / CHECKPOINT, model, ema, optimizer, step,
@@ -404,23 +399,22 @@ def train(plan, reporter=None):
                   f"writing to {out}")
     reporter.begin(start, config.steps)
     try:
-        with StopRequest() as stop, grads:
+        with StopRequest() as stop, nn.batch_parallel(model) as net:
             while step < config.steps:
                 began = time.perf_counter()
+                # Algorithm 1: x_0 from the data; the loss draws t and eps and returns
+                # || eps - eps_theta(sqrt(a_bar_t) x_0 + sqrt(1 - a_bar_t) eps, t) ||^2.
                 x0 = backend.to_device(batches.next(), device)           # the one transfer of the step
                 optimizer.lr = learning_rate(config, step + 1)
-                x_t, t, noise = diffusion.loss_inputs(x0, noise_rng)    # for the whole batch, split or not
                 optimizer.zero_grad()
-                # Split, each process seeds its dropout masks from (seed, step, process); unsplit,
-                # they come from the global generator, whose state the checkpoint stores.
-                loss = grads(x_t, t, noise,
-                             rng_seed=[config.seed, DROPOUT_STREAM, step] if grads.children else None)
+                loss = diffusion.loss(net, x0, noise_rng)
+                loss.backward()
                 # Reading the loss on the host waits for the GPU. Read only once the backward is
                 # queued, so the device never idles while Python queues it; a NaN has then made
                 # NaN gradients, and nothing is updated before the checks below. The total norm
                 # (clip_grad_norm leaves it on the device), read right after, is the step's only
                 # other host sync: both are checked before the optimizer touches a weight.
-                loss_value = float(loss)
+                loss_value = float(loss.data)
                 if not math.isfinite(loss_value):
                     return _diverged("loss", loss_value, step + 1, out, saved["step"])
                 grad_norm = float(clip_grad_norm(params, config.grad_clip))
@@ -504,8 +498,7 @@ class _Previewer:
 
         shape = (config.sample_n, 1, config.image_size, config.image_size)
         try:
-            # Forked after copy_to, so the workers hold this step's EMA weights.
-            with BatchSplit(self.model, device=config.device) as net:
+            with nn.batch_parallel(self.model) as net:
                 x = self.diffusion.sample(net, shape, rng, steps=config.sample_steps, progress=check_stop)
         except _PreviewAborted:
             self.reporter.note(f"preview at step {step} skipped (stop requested)")

@@ -8,8 +8,10 @@ and DDPM's Appendix B. It is a UNet changed in three ways:
    plus a skip connection);
 3. single-head self-attention over all positions at the listed resolutions.
 
-Parameters are created in the same order and with the same shapes as
-`shared/reference/torch_unet.py`, so weights carry over by position.
+Parameters are created in the same order, with the same shapes, as in the
+PyTorch twin that benchmarks/bench_step.py writes out (and as in the official
+code's model), so weights carry over by position; tests/test_unet.py checks
+the outputs against a fixture made that way.
 """
 import numpy as np
 
@@ -38,13 +40,16 @@ def _zero(conv):
 
 
 class ResBlock(nn.Module):
-    """GroupNorm, SiLU, conv3x3, + Linear(SiLU(temb)), GroupNorm, SiLU, dropout, conv3x3; + skip."""
+    """GroupNorm, SiLU, conv3x3, + Linear(SiLU(temb)), GroupNorm, SiLU, dropout, conv3x3; + skip.
+
+    Each GroupNorm is followed by its SiLU in one layer, nn.GroupNormSiLU.
+    """
 
     def __init__(self, cin, cout, temb_dim, dropout, num_groups, rng, dtype):
-        self.norm1 = nn.GroupNorm(num_groups, cin, dtype=dtype)
+        self.norm1 = nn.GroupNormSiLU(num_groups, cin, dtype=dtype)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, rng=rng, dtype=dtype)
         self.temb_proj = nn.Linear(temb_dim, cout, rng=rng, dtype=dtype)
-        self.norm2 = nn.GroupNorm(num_groups, cout, dtype=dtype)
+        self.norm2 = nn.GroupNormSiLU(num_groups, cout, dtype=dtype)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _zero(nn.Conv2d(cout, cout, 3, padding=1, rng=rng, dtype=dtype))
         # A 1x1 convolution matches the channel count when the block changes it.
@@ -52,15 +57,10 @@ class ResBlock(nn.Module):
 
     def forward(self, x, temb):
         B, C, H, W = x.shape
-        n1, n2 = self.norm1, self.norm2
-        # Both additions (the time embedding, the same shift at every pixel, and
-        # the skip connection) are made by the convolution before them, as it
-        # writes its output: conv(h, add=r) is conv(h) + r in one pass.
-        shift = self.temb_proj(F.silu(temb)).reshape(B, -1, 1, 1)
-        h = self.conv1(F.group_norm_silu(x, n1.num_groups, n1.weight, n1.bias, n1.eps), add=shift)
-        skip = x if self.skip is None else self.skip(x)
-        return self.conv2(self.dropout(F.group_norm_silu(h, n2.num_groups, n2.weight, n2.bias, n2.eps)),
-                          add=skip)
+        h = self.conv1(self.norm1(x))                                   # norm, SiLU, conv
+        h = h + self.temb_proj(F.silu(temb)).reshape(B, -1, 1, 1)       # + the time embedding, at every pixel
+        h = self.conv2(self.dropout(self.norm2(h)))                     # norm, SiLU, dropout, conv
+        return h + (x if self.skip is None else self.skip(x))          # + the input
 
 
 class AttnBlock(nn.Module):
@@ -126,7 +126,7 @@ class UNet(nn.Module):
                 self.up.append(nn.Conv2d(cur, cur, 3, padding=1, rng=rng, dtype=dtype))  # after x2 upsampling
                 res *= 2
 
-        self.norm_out = nn.GroupNorm(num_groups, cur, dtype=dtype)
+        self.norm_out = nn.GroupNormSiLU(num_groups, cur, dtype=dtype)
         self.conv_out = _zero(nn.Conv2d(cur, in_channels, 3, padding=1, rng=rng, dtype=dtype))
 
     def forward(self, x, t):
@@ -153,8 +153,7 @@ class UNet(nn.Module):
             else:
                 h = self._stage(layer, F.concat([h, hs.pop()], axis=1), temb)
         assert not hs, "every skip connection is used exactly once"
-        n = self.norm_out
-        return self.conv_out(F.group_norm_silu(h, n.num_groups, n.weight, n.bias, n.eps))   # (B, C, H, W)
+        return self.conv_out(self.norm_out(h))                          # norm, SiLU, conv: (B, C, H, W)
 
     @staticmethod
     def _stage(stage, h, temb):

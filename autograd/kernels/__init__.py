@@ -1,2 +1,6 @@
-"""Raw-array kernels: forward and backward of the heavier ops, written once for
-NumPy and CuPy through the array module `xp` of their inputs."""
+"""Kernels: plain functions on raw arrays (NumPy or CuPy, through `xp`).
+
+conv.py (convolution, upsampling), norm.py (group norm, + SiLU), attention.py
+(softmax, attention), activations.py. Each gives the formulas it implements in
+its docstring; the ops of functional.py wire them into the graph.
+"""

@@ -1,102 +1,48 @@
-"""Scaled dot-product attention on raw arrays (Vaswani et al. 2017), one head.
+"""Softmax and scaled dot-product attention on raw arrays (Vaswani et al. 2017), one head.
 
     S = q k^T / sqrt(d),   P = softmax(S) over the keys,   O = P v
-for q (B, Nq, d), k (B, Nk, d), v (B, Nk, dv).
 
-Backward, with G = dL/dO:
+for q (B, Nq, d), k (B, Nk, d), v (B, Nk, dv). Backward, with G = dL/dO:
+
     dv = P^T G,   dP = G v^T,   dS = P * (dP - rowsum(dP * P)),
     dq = dS k / sqrt(d),   dk = dS^T q / sqrt(d)
-(the middle line is the softmax's backward). Forward keeps P, so backward does
-no exponentials; for MNIST's 7x7 and 14x14 maps P is small (N <= 196).
 
-Every line is per example, so both directions go through the batch a few
-examples at a time on the CPU kernels' thread pool (autograd/parallel.py),
-each chunk writing its own slices of the outputs. The products go through
-backend.gemm, which on a GPU reads the transposed views (k^T, P^T, v^T) as
-they are where CuPy's matmul would copy each first.
+(the middle line is the softmax's backward). The forward keeps P, so the
+backward needs no exponentials; for MNIST's 7x7 and 14x14 maps P is small
+(at most 196 x 196 per image).
 """
-from .. import backend
 from ..backend import get_array_module
-from ..parallel import parallel_for
-
-# Bytes of attention weights P per chunk: a GPU takes the whole batch at once.
-_CHUNK_BYTES = {"cpu": 1 << 20, "cuda": 1 << 40}
+from ..seam import swappable
 
 
-def _chunks(q, k):
-    """(examples per chunk, number of chunks) for q (B, Nq, d), k (B, Nk, d)."""
-    B, Nq, Nk = q.shape[0], q.shape[1], k.shape[1]
-    nb = max(1, min(B, _CHUNK_BYTES[backend.device_of(q)] // max(1, Nq * Nk * q.itemsize)))
-    if nb == B > 1 and backend.device_of(q) == "cpu" and B * Nq * Nk * q.itemsize >= _CHUNK_BYTES["cpu"] // 4:
-        # Two chunks rather than one, so that two threads share the work: the
-        # mnist-tiny 7x7 attention (B 64, 49 positions, 614 KB of weights) ran
-        # 0.75x as long forward, 0.67x backward. (Group norm chunks that small
-        # ran slower split: their NumPy calls get too short for two threads.)
-        nb = -(-B // 2)
-    return nb, -(-B // nb)
-
-
-def softmax_forward(x, axis=-1, in_place=False):
-    """exp(x - max) / sum: subtracting the max keeps exp from overflowing.
-
-    One new array (or x itself, with in_place=True: attention's scores are
-    not needed once they are weights), updated in place, exp then the
-    division, since the attention weights are the largest arrays of an
-    attention block.
-    """
+def softmax_forward(x, axis=-1):
+    """exp(x - max) / sum: subtracting the max keeps exp from overflowing."""
     xp = get_array_module(x)
-    if in_place:
-        x -= x.max(axis=axis, keepdims=True)
-        e = x
-    else:
-        e = x - x.max(axis=axis, keepdims=True)
-    xp.exp(e, out=e)
-    e /= e.sum(axis=axis, keepdims=True)
-    return e
+    e = xp.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
 
 
 def softmax_backward(grad, y, axis=-1):
     """dL/dx = y * (g - sum(g * y)): the Jacobian diag(y) - y y^T applied to g."""
-    d = grad * y
-    dot = d.sum(axis=axis, keepdims=True)
-    d -= y * dot
-    return d
+    return y * (grad - (grad * y).sum(axis=axis, keepdims=True))
 
 
+def _swap(a):
+    return a.transpose(0, 2, 1)                                         # (B, N, d) -> (B, d, N)
+
+
+@swappable
 def attention_forward(q, k, v):
-    """-> (O, P): the output and the attention weights saved for backward."""
-    xp = get_array_module(q, k, v)
+    """-> (O, P): the output and the attention weights, which the backward needs."""
     scale = q.dtype.type(q.shape[-1] ** -0.5)
-    B, Nq, Nk = q.shape[0], q.shape[1], k.shape[1]
-    out = xp.empty((B, Nq, v.shape[2]), dtype=q.dtype)
-    p = xp.empty((B, Nq, Nk), dtype=q.dtype)
-    nb, n_chunks = _chunks(q, k)
-
-    def chunk(i, worker):
-        c = slice(i * nb, (i + 1) * nb)
-        s = backend.gemm(q[c], k[c].transpose(0, 2, 1), p[c])         # scores (n, Nq, Nk)
-        s *= scale
-        backend.gemm(softmax_forward(s, in_place=True), v[c], out[c])   # (n, Nq, dv)
-
-    parallel_for(n_chunks, chunk, backend.device_of(q))
-    return out, p
+    p = softmax_forward((q @ _swap(k)) * scale)                         # (B, Nq, Nk)
+    return p @ v, p                                                     # (B, Nq, dv)
 
 
+@swappable
 def attention_backward(grad, q, k, v, p):
-    xp = get_array_module(grad, q, k, v)
+    """(dq, dk, dv) for dL/dO = grad."""
     scale = q.dtype.type(q.shape[-1] ** -0.5)
-    # (empty_like would copy the inputs' layout, often a transposed view)
-    dq, dk, dv = (xp.empty(a.shape, dtype=a.dtype) for a in (q, k, v))
-    nb, n_chunks = _chunks(q, k)
-
-    def chunk(i, worker):
-        c = slice(i * nb, (i + 1) * nb)
-        backend.gemm(p[c].transpose(0, 2, 1), grad[c], dv[c])          # (n, Nk, dv)
-        dp = backend.gemm(grad[c], v[c].transpose(0, 2, 1), xp.empty(p[c].shape, dtype=p.dtype))   # (n, Nq, Nk)
-        ds = softmax_backward(dp, p[c])
-        ds *= scale
-        backend.gemm(ds, k[c], dq[c])
-        backend.gemm(ds.transpose(0, 2, 1), q[c], dk[c])
-
-    parallel_for(n_chunks, chunk, backend.device_of(q))
-    return dq, dk, dv
+    dv = _swap(p) @ grad                                                # (B, Nk, dv)
+    ds = softmax_backward(grad @ _swap(v), p) * scale                   # (B, Nq, Nk)
+    return ds @ k, _swap(ds) @ q, dv

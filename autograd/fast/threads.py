@@ -1,4 +1,4 @@
-"""Threads for the CPU kernels' chunk loops.
+"""Threads for the fast CPU kernels' chunk loops.
 
 The CPU kernels (convolution, group norm) already go through a batch a few
 images at a time, so that each chunk's buffers stay in a core's cache. The
@@ -43,7 +43,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from . import backend
+from . import memory
 
 try:
     import threadpoolctl
@@ -131,7 +131,7 @@ def _keep_host_memory():
     """Once: glibc's malloc keeps freed memory (backend.keep_freed_host_memory says why)."""
     global _host_memory_asked
     _host_memory_asked = True
-    backend.keep_freed_host_memory()
+    memory.keep_freed_host_memory()
 
 
 def release_blas():
