@@ -29,7 +29,7 @@ from autograd import backend, functional as F  # noqa: E402
 from tinyddpm.unet import PRESETS, UNet  # noqa: E402
 
 # (name, C_in, C_out, H=W, kernel, stride): the convolutions of the mnist and
-# mnist-tiny UNets (DESIGN.md, "The UNet").
+# mnist-tiny UNets (docs/design.md, "The UNet").
 CONFIGS = [
     ("conv_in 1->32 @28", 1, 32, 28, 3, 1),
     ("3x3 32->32 @28", 32, 32, 28, 3, 1),
@@ -117,7 +117,7 @@ def main():
     torch = None if a.no_torch else torch_or_none(a.threads)
     syncs = []
     if a.device == "cuda":
-        backend.set_tf32(a.tf32)
+        autograd.fast.set_tf32(a.tf32)
         syncs.append(lambda: backend.cupy.cuda.Device().synchronize())
         if torch is not None:
             if not torch.cuda.is_available():

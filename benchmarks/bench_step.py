@@ -9,9 +9,11 @@
 - sample step: one UNet forward under no_grad (one step of Algorithm 2 is
   this plus a few element-wise operations).
 On a CPU with more than one thread both run as `tinyddpm train` and the
-sampler run them: the batch split over as many processes, each on one
-thread (autograd/processes.py: GradientSplit, BatchSplit); `--no-split`
-runs them on the kernel threads of one process instead.
+sampler run them: through nn.batch_parallel, which the fast layer makes a
+split of the batch over as many processes, each on one thread
+(autograd/fast/processes.py); `--no-split` runs them on the kernel threads
+of one process instead, as a Python caller of the model gets them. Run with
+AUTOGRAD_FAST=0 in the environment to time the plain kernels alone.
 Each is warmed up, then timed `--rounds` times; medians are reported. With
 `--compare-torch` (run it with a Python that has torch, e.g.
 .torchvenv/bin/python) an equivalent PyTorch model, written below with the
@@ -42,9 +44,8 @@ import numpy as np  # noqa: E402
 from common import emit_json, set_threads, machine_header, print_table, quartiles, time_rounds, torch_or_none  # noqa: E402
 
 import autograd  # noqa: E402
-from autograd import backend  # noqa: E402
+from autograd import backend, nn  # noqa: E402
 from autograd.optim import EMA, Adam, clip_grad_norm  # noqa: E402
-from autograd.processes import BatchSplit, GradientSplit  # noqa: E402
 from tinyddpm.diffusion import GaussianDiffusion  # noqa: E402
 from tinyddpm.schedule import linear_betas  # noqa: E402
 from tinyddpm.unet import PRESETS, UNet  # noqa: E402
@@ -68,64 +69,86 @@ def tinyddpm_steps(preset, batch, device, seed=0):
                            .astype(np.float32), device)
     t_mid = backend.to_device(np.full(batch, T // 2), device)
 
-    # As `tinyddpm train` and the sampler run them: the batch split over
-    # processes inside `with train_step.split:` / `with sample_step.split:`;
-    # outside such a block the same calls run the whole batch here, on the
-    # kernel threads. Each sets the model's mode itself, in whichever process.
-    def train_loss(x_t, t, noise):
-        model.train()
-        return diffusion.eps_loss(model, x_t, t, noise)
-
-    def eval_forward(x, t):
-        model.eval()
-        return model(x, t)
-
-    grads = GradientSplit(params, train_loss, device=device)
-    net = BatchSplit(eval_forward, device=device)
+    # As `tinyddpm train` and the sampler run them: through the model that
+    # nn.batch_parallel gives inside `with train_step.split:` / `with
+    # sample_step.split:` (the batch split over processes, with the fast
+    # layer on a CPU); outside such a block the calls go to the model itself.
+    current = {"net": model}
 
     def train_step():
-        x_t, t, noise = diffusion.loss_inputs(x0, rng)
         opt.zero_grad()
-        loss = grads(x_t, t, noise)            # the loss, its backward done
+        loss = diffusion.loss(current["net"], x0, rng)
+        loss.backward()
         clip_grad_norm(params, GRAD_CLIP)
         opt.step()
         ema.update()
-        return loss
+        return loss.data
 
     def sample_step():
         with autograd.no_grad():
-            return net(autograd.Tensor(x0), t_mid)
+            return current["net"](autograd.Tensor(x0), t_mid)
 
-    train_step.split, sample_step.split = grads, net
+    train_step.split = Split(model, current, train=True)
+    sample_step.split = Split(model, current, train=False)
     sync = (lambda: backend.cupy.cuda.Device().synchronize()) if device == "cuda" else None
     return train_step, sample_step, sum(p.size for p in params), sync
 
 
+class Split:
+    """`with step.split:` runs the step through nn.batch_parallel(model), the model in the
+    step's mode (set before the block: forked processes keep the mode they were forked with)."""
+
+    def __init__(self, model, current, train):
+        self.model, self.current, self.train = model, current, train
+        self.block = None
+
+    @property
+    def processes(self):
+        return getattr(self.block, "processes", 1)
+
+    @property
+    def children(self):
+        return getattr(self.block, "children", [])
+
+    def __enter__(self):
+        self.model.train(self.train)
+        self.block = nn.batch_parallel(self.model)
+        self.current["net"] = self.block.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.current["net"] = self.model
+        return self.block.__exit__(*exc)
+
+
 # =============================================================================
-# PyTorch: the same UNet (DESIGN.md, "The UNet"), written out here
+# PyTorch: the same UNet, written out here (never a dependency of the project)
 # =============================================================================
 
-def torch_steps(torch, preset, batch, device, seed=0):
-    """(train_step, sample_step, n_params, sync) for the PyTorch twin on `device`."""
+def torch_unet(torch, in_channels=1, image_size=28, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2,
+               attn_resolutions=(14,), dropout=0.1, num_groups=32):
+    """tinyddpm's UNet (tinyddpm/unet.py) written in PyTorch: the same parameters, made in
+    the same order with the same shapes and names (but for tinyddpm's `attn.` child), so
+    that weights carry over by position. tools/make_unet_fixture.py builds the fixture of
+    tests/test_unet.py from it."""
     import math
 
     nn, F = torch.nn, torch.nn.functional
-    cfg = PRESETS[preset]
-    groups = cfg["num_groups"]
+    groups = num_groups
 
-    def timestep_embedding(t, dim):
+    def timestep_embedding(t, dim, dtype):
         half = dim // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64,
                                                             device=t.device) / (half - 1))
         args = t.double()[:, None] * freqs[None, :]
-        return torch.cat([torch.sin(args), torch.cos(args)], dim=1).float()
+        return torch.cat([torch.sin(args), torch.cos(args)], dim=1).to(dtype)
 
     class ResBlock(nn.Module):
         def __init__(self, cin, cout, temb_dim):
             super().__init__()
             self.norm1, self.conv1 = nn.GroupNorm(groups, cin), nn.Conv2d(cin, cout, 3, padding=1)
             self.temb_proj = nn.Linear(temb_dim, cout)
-            self.norm2, self.dropout = nn.GroupNorm(groups, cout), nn.Dropout(cfg["dropout"])
+            self.norm2, self.dropout = nn.GroupNorm(groups, cout), nn.Dropout(dropout)
             self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
             self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
@@ -151,11 +174,11 @@ def torch_steps(torch, preset, batch, device, seed=0):
             return x + self.proj_out(torch.bmm(w, v).transpose(1, 2).reshape(B, C, H, W))
 
     class TorchUNet(nn.Module):
-        def __init__(self, ch, ch_mult, num_res_blocks, attn_resolutions, res=28):
+        def __init__(self):
             super().__init__()
-            self.ch, temb_dim = ch, 4 * ch
-            self.temb0, self.temb1 = nn.Linear(ch, temb_dim), nn.Linear(temb_dim, temb_dim)
-            self.conv_in = nn.Conv2d(1, ch, 3, padding=1)
+            res, temb_dim = image_size, 4 * ch
+            self.temb_dense0, self.temb_dense1 = nn.Linear(ch, temb_dim), nn.Linear(temb_dim, temb_dim)
+            self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
             self.down, skips, cur = nn.ModuleList(), [ch], ch
             for level, mult in enumerate(ch_mult):
                 for _ in range(num_res_blocks):
@@ -182,7 +205,8 @@ def torch_steps(torch, preset, batch, device, seed=0):
                 if level != 0:
                     self.up.append(nn.Conv2d(cur, cur, 3, padding=1))
                     res *= 2
-            self.norm_out, self.conv_out = nn.GroupNorm(groups, cur), nn.Conv2d(cur, 1, 3, padding=1)
+            self.norm_out = nn.GroupNorm(groups, cur)
+            self.conv_out = nn.Conv2d(cur, in_channels, 3, padding=1)
 
         @staticmethod
         def stage(layers, h, temb):
@@ -192,7 +216,7 @@ def torch_steps(torch, preset, batch, device, seed=0):
             return h
 
         def forward(self, x, t):
-            temb = self.temb1(F.silu(self.temb0(timestep_embedding(t, self.ch))))
+            temb = self.temb_dense1(F.silu(self.temb_dense0(timestep_embedding(t, ch, x.dtype))))
             hs = [self.conv_in(x)]
             for layer in self.down:
                 hs.append(layer(hs[-1]) if isinstance(layer, nn.Conv2d) else self.stage(layer, hs[-1], temb))
@@ -204,8 +228,14 @@ def torch_steps(torch, preset, batch, device, seed=0):
                     h = self.stage(layer, torch.cat([h, hs.pop()], dim=1), temb)
             return self.conv_out(F.silu(self.norm_out(h)))
 
+    return TorchUNet()
+
+
+def torch_steps(torch, preset, batch, device, seed=0):
+    """(train_step, sample_step, n_params, sync) for the PyTorch twin on `device`."""
+    F = torch.nn.functional
     torch.manual_seed(seed)
-    model = TorchUNet(cfg["ch"], cfg["ch_mult"], cfg["num_res_blocks"], cfg["attn_resolutions"]).to(device)
+    model = torch_unet(torch, **PRESETS[preset]).to(device)
     params = list(model.parameters())
     opt = torch.optim.Adam(params, lr=LR)
     ema = [p.detach().clone() for p in params]
@@ -268,6 +298,7 @@ def memory_child(impl, which, preset, batch, device, threads, split):
                               else tinyddpm_steps(preset, batch, device))
     fn = train if which == "train" else sample
     sync = sync or (lambda: None)
+    fn.split.model.train(which == "train")
     pool = backend.cupy.get_default_memory_pool() if (device == "cuda" and impl != "torch") else None
     if pool is not None:
         pool.free_all_blocks()
@@ -420,7 +451,7 @@ def main():
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--no-split", action="store_true",
                    help="tinyddpm's steps on the kernel threads of one process, not split over "
-                        "processes as `tinyddpm train` and the sampler run them (autograd/processes.py)")
+                        "processes as `tinyddpm train` and the sampler run them (autograd/fast/processes.py)")
     p.add_argument("--tf32", action="store_true",
                    help="cuda: float32 products on TF32 tensor cores, for both (default: full float32 for "
                         "both; PyTorch's own default would run its cuDNN convolutions in TF32). tinyddpm's "
@@ -437,11 +468,12 @@ def main():
         sys.exit("--compare-torch: torch is not importable from this Python "
                  "(try .torchvenv/bin/python, see docs/performance.md)")
     if a.device == "cuda":
-        backend.set_tf32(a.tf32)
+        autograd.fast.set_tf32(a.tf32)
         if torch:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = a.tf32
     header = machine_header()
-    header.update(torch=torch.__version__ if torch else None, device=a.device, tf32=a.tf32)
+    header.update(torch=torch.__version__ if torch else None, device=a.device, tf32=a.tf32,
+                  autograd_fast=autograd.fast.enabled())
     emit_json({"bench": "step", "machine": header})
 
     impls = {"tinyddpm": tinyddpm_steps(a.preset, a.batch, a.device)}
@@ -458,6 +490,7 @@ def main():
         # Each step's block is open only around its own rounds: it holds this
         # process at one thread, and its children at the weights of the fork.
         split = impls["tinyddpm"][index].split
+        impls["tinyddpm"][index].split.model.train(which == "train")
         with contextlib.nullcontext() if a.no_split else split:
             times = time_rounds({name: fns[index] for name, fns in impls.items()}, a.rounds, sync=sync)
         med = {name: statistics.median(ts) for name, ts in times.items()}
@@ -485,6 +518,7 @@ def main():
 
     print()
     print(f"{a.preset}, batch {a.batch}, {a.device}{' (TF32)' if a.tf32 else ''}, median of {a.rounds}; "
+          f"autograd.fast {'on' if autograd.fast.enabled() else 'off (AUTOGRAD_FAST=0)'}; "
           f"BLAS: {header['blas']}; "
           f"tinyddpm: {a.threads} threads" + ("" if a.no_split or a.device != "cpu" or a.threads < 2 else
                                               f" (as {a.threads} processes of 1 thread)")

@@ -57,21 +57,22 @@ def _cpu_name():
 
 
 def set_threads(threads):
-    """Give tinyddpm `threads` threads: its kernels' pool (autograd.parallel) and NumPy's BLAS.
+    """Give tinyddpm `threads` threads: its fast kernels' pool (autograd/fast/threads.py) and
+    NumPy's BLAS.
 
-    With more than one, the pool holds the BLAS at one thread while the
-    kernels run (autograd/parallel.py says why). Needs threadpoolctl for the
-    BLAS; returns False without it (then everything runs on the BLAS's defaults).
+    With more than one, the pool holds the BLAS at one thread while the fast
+    kernels run (threads.py says why). Needs threadpoolctl for the BLAS;
+    returns False without it (then everything runs on the BLAS's defaults).
     """
     try:
         import threadpoolctl
     except ImportError:
         return False
     import numpy  # noqa: F401  (loads the BLAS first)
-    from autograd import parallel
+    from autograd.fast import threads as pool
     # Kept referenced for the life of the process: the limit lasts as long as the object.
     set_threads.keep = threadpoolctl.threadpool_limits(threads, user_api="blas")
-    parallel.set_num_threads(threads)
+    pool.set_num_threads(threads)
     return True
 
 
@@ -128,7 +129,7 @@ def quartiles(values):
 
 
 def ab_arguments(parser):
-    """The options ab_step.py and ab_tree.py share: which step, how many rounds, on how many threads."""
+    """The options of lab/ab_tree.py: which step, how many rounds, on how many threads."""
     parser.add_argument("--preset", default="mnist-tiny")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--step", default="train", choices=("train", "sample"))

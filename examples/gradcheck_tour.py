@@ -13,9 +13,13 @@ Central differences in float64 agree with a correct backward to ~1e-9. Then
 op's backward is sabotaged on purpose (one element of one input's gradient
 scaled by 1.01, a 1% error) and gradcheck is shown catching it.
 
+The check runs on the plain kernels, the code the line "backward:" names;
+`--twins` checks the fast layer's twins of them instead (autograd/fast/).
+
     python examples/gradcheck_tour.py                  # conv2d
     python examples/gradcheck_tour.py --op attention
     python examples/gradcheck_tour.py --op silu --break
+    python examples/gradcheck_tour.py --op group_norm --twins
 """
 import argparse
 import contextlib
@@ -132,9 +136,25 @@ def _index(flat_index, shape):
     return tuple(int(i) for i in np.unravel_index(flat_index, shape))
 
 
-def run(op="conv2d", break_it=False, fast=False, seed=0, rows=6, out=sys.stdout):
+@contextlib.contextmanager
+def kernels(twins):
+    """The plain kernels (twins=False) or the fast layer's twins, for the block's duration."""
+    was_on = autograd.fast.enabled()
+    (autograd.fast.enable if twins else autograd.fast.disable)()
+    try:
+        yield
+    finally:
+        (autograd.fast.enable if was_on else autograd.fast.disable)()
+
+
+def run(op="conv2d", break_it=False, fast=False, seed=0, rows=6, out=sys.stdout, twins=False):
     """Print the comparison; return True when the outcome is the expected one
     (gradcheck passes a correct backward, and catches a broken one)."""
+    with kernels(twins):
+        return _run(op, break_it, fast, seed, rows, out, twins)
+
+
+def _run(op, break_it, fast, seed, rows, out, twins):
     spec = _op_table(fast)[op]
     rng = np.random.default_rng(seed + 1)
     names = list(spec["shapes"])
@@ -150,7 +170,9 @@ def run(op="conv2d", break_it=False, fast=False, seed=0, rows=6, out=sys.stdout)
     def say(line=""):
         print(line, file=out)
 
-    say(f"op: {op}   backward: {spec['where']}")
+    where = spec["where"] if not twins or "kernels/" not in spec["where"] else \
+        "the fast layer's twin of " + spec["where"].split("::")[1] + " (autograd/fast/)"
+    say(f"op: {op}   backward: {where}")
     say("inputs: " + ", ".join(f"{n} {tuple(s)}" for n, s in spec["shapes"].items())
         + f"   output: {tuple(out_shape)}   dtype float64")
 
@@ -197,8 +219,10 @@ def main(argv=None):
                         help="scale one gradient element by 1.01 and watch gradcheck catch it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fast", action="store_true", help="smaller inputs")
+    parser.add_argument("--twins", action="store_true",
+                        help="check the fast layer's twins of the kernels instead of the plain kernels")
     args = parser.parse_args(argv)
-    ok = run(args.op, args.break_it, args.fast, args.seed)
+    ok = run(args.op, args.break_it, args.fast, args.seed, twins=args.twins)
     return 0 if ok else 1
 
 

@@ -99,6 +99,18 @@ def assert_close_float32(actual, expected):
     np.testing.assert_allclose(actual, expected, rtol=1e-3, atol=1e-4 * scale)
 
 
+@pytest.fixture(params=["fast", "plain"], autouse=True)
+def both_kernel_modes(request):
+    """Imported into a test module, runs each of its tests on the fast layer's twins and on
+    the plain kernels (autograd.fast.enable / disable), restoring what was in use."""
+    was_on = autograd.fast.enabled()
+    (autograd.fast.enable if request.param == "fast" else autograd.fast.disable)()
+    try:
+        yield request.param
+    finally:
+        (autograd.fast.enable if was_on else autograd.fast.disable)()
+
+
 def randn(*shape, seed=0, dtype=np.float64, requires_grad=True):
     """A standard-normal Tensor, for the tests that are not table rows."""
     data = np.random.default_rng(seed).standard_normal(shape).astype(dtype)

@@ -1,7 +1,7 @@
 """The seed's claims about DDPM, each checked on the real code paths.
 
-The seed is shared/seed/000_37e4d45e848196ba.txt, a Chinese explainer of DDPM;
-each test quotes the sentence it checks, with a translation.
+The project started from a Chinese explainer of DDPM (docs/design.md sums it
+up); each test quotes the sentence it checks, with a translation.
 """
 import math
 

@@ -124,10 +124,11 @@ def test_mnist_quickstart_reports_missing_data_in_one_line(tmp_path):
 # gradcheck_tour: a correct backward passes, a broken one is caught
 # =============================================================================
 
+@pytest.mark.parametrize("twins", [False, True])
 @pytest.mark.parametrize("op", gradcheck_tour.OPS)
-def test_gradcheck_tour_passes_a_correct_backward(op):
+def test_gradcheck_tour_passes_a_correct_backward(op, twins):
     out = io.StringIO()
-    assert gradcheck_tour.run(op, fast=True, out=out)
+    assert gradcheck_tour.run(op, fast=True, out=out, twins=twins)
     text = out.getvalue()
     assert "passed" in text and "FAILED" not in text
     worst = [float(line.split(":")[1].split()[0]) for line in text.splitlines() if line.startswith("worst")]
@@ -143,6 +144,24 @@ def test_gradcheck_tour_catches_a_broken_backward(op):
     assert "FAILED, as it should" in out.getvalue()
     # The sabotage is undone afterwards.
     assert getattr(F, gradcheck_tour._op_table(True)[op]["function"]) is original
+
+
+@pytest.mark.parametrize("twins", [False, True])
+def test_gradcheck_tour_checks_the_kernels_it_names_and_restores_the_switch(twins, monkeypatch):
+    import autograd
+    seen, real_gradcheck = [], autograd.gradcheck
+
+    def gradcheck(*args, **kwargs):
+        seen.append(autograd.fast.enabled())
+        return real_gradcheck(*args, **kwargs)
+
+    monkeypatch.setattr(autograd, "gradcheck", gradcheck)
+    before = autograd.fast.enabled()
+    out = io.StringIO()
+    assert gradcheck_tour.run("group_norm", fast=True, out=out, twins=twins)
+    assert seen == [twins] and autograd.fast.enabled() == before
+    named = "the fast layer's twin of group_norm_backward" if twins else "autograd/kernels/norm.py::group_norm_backward"
+    assert f"backward: {named}" in out.getvalue()
 
 
 def test_gradcheck_tour_command_line(tmp_path):

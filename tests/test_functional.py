@@ -2,7 +2,8 @@
 computation written here (loops, SciPy, closed forms), gradient-checked in
 float64 at small sizes (element by element) and at the UNet's sizes (adjoint),
 run in float32; plus argument errors, numerical stability, dropout's
-randomness, and a small network that must learn.
+randomness, and a small network that must learn. Every test runs twice: on
+the plain kernels and on the fast layer's twins (helpers.both_kernel_modes).
 """
 import itertools
 
@@ -12,9 +13,8 @@ from scipy import special
 
 import autograd.functional as F
 from autograd import Tensor, no_grad
-from autograd.kernels.conv import conv2d_reference
 from autograd.optim import Adam
-from helpers import case, check_float32, check_forward, check_gradient, randn
+from helpers import both_kernel_modes, case, check_float32, check_forward, check_gradient, randn  # noqa: F401
 
 # =============================================================================
 # Oracles: the same computations written the obvious way, on NumPy arrays
@@ -50,6 +50,19 @@ def group_norm_np(x, num_groups, weight=None, bias=None, eps=1e-5):
     channel = (1, C) + (1,) * (x.ndim - 2)
     if weight is not None:
         y = y * weight.reshape(channel) + bias.reshape(channel)
+    return y
+
+
+def conv2d_shifted(x, w, stride=1, padding=0):
+    """The same sum as conv2d_loops, over kernel offsets: fast enough for the UNet's sizes."""
+    B, C, H, W = x.shape
+    O, _, kh, kw = w.shape
+    x_pad = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    Ho, Wo = (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1
+    y = np.zeros((B, O, Ho, Wo))
+    for u, v in itertools.product(range(kh), range(kw)):
+        window = x_pad[:, :, u:u + stride * Ho:stride, v:v + stride * Wo:stride]    # (B, C, Ho, Wo)
+        y += np.einsum("bchw,oc->bohw", window, w[:, :, u, v])
     return y
 
 
@@ -96,6 +109,16 @@ def group_norm(id, x_shape, num_groups, affine=True):
                     lambda x: group_norm_np(x, num_groups), x_shape)
     return case(f"group_norm {id}", lambda x, w, b: F.group_norm(x, num_groups, w, b),
                 lambda x, w, b: group_norm_np(x, num_groups, w, b), x_shape, (C,), (C,))
+
+
+def group_norm_silu(id, x_shape, num_groups):
+    C = x_shape[1]
+
+    def oracle(x, w, b):
+        z = group_norm_np(x, num_groups, w, b)
+        return z * special.expit(z)
+    return case(f"group_norm_silu {id}", lambda x, w, b: F.group_norm_silu(x, num_groups, w, b),
+                oracle, x_shape, (C,), (C,))
 
 
 def activation(name, oracle, shape=(3, 5)):
@@ -160,6 +183,8 @@ CASES = [
     group_norm("no affine", (2, 4, 3, 3), 2, affine=False),
     group_norm("3-D input", (2, 6, 5), 3),
     group_norm("batch 1 odd map", (1, 4, 3, 5), 2),
+    group_norm_silu("2 groups", (2, 4, 3, 3), 2),
+    group_norm_silu("1 group, 3-D input", (3, 4, 5), 1),
     activation("silu", lambda x: x * special.expit(x)),
     activation("relu", lambda x: np.maximum(x, 0.0)),
     activation("sigmoid", special.expit),
@@ -195,6 +220,8 @@ REALISTIC = [
     case("conv2d 1x1", F.conv2d, None, (8, 64, 14, 14), (32, 64, 1, 1), (32,)),
     case("group_norm 32 groups", lambda x, w, b: F.group_norm(x, 32, w, b), None,
          (8, 64, 14, 14), (64,), (64,)),
+    case("group_norm_silu 8 groups", lambda x, w, b: F.group_norm_silu(x, 8, w, b), None,
+         (8, 32, 28, 28), (32,), (32,)),
     case("attention 7x7 map", F.attention, None, (4, 49, 64), (4, 49, 64), (4, 49, 64)),
     case("attention 14x14 map", F.attention, None, (2, 196, 32), (2, 196, 32), (2, 196, 32)),
     case("silu", F.silu, None, (8, 64, 14, 14)),
@@ -242,7 +269,7 @@ def test_adjoint_gradient_check_at_realistic_size(c):
 ])
 def test_conv2d_matches_reference_at_unet_sizes(x_shape, w_shape, stride, padding):
     x, w = randn(*x_shape, requires_grad=False), randn(*w_shape, seed=1, requires_grad=False)
-    expected = conv2d_reference(x.data, w.data, stride, padding)
+    expected = conv2d_shifted(x.data, w.data, stride, padding)
     np.testing.assert_allclose(F.conv2d(x, w, stride=stride, padding=padding).numpy(), expected,
                                rtol=1e-10, atol=1e-10)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from autograd import Tensor, backend, nn, no_grad
-from helpers import randn
+from helpers import both_kernel_modes, randn  # noqa: F401  (every test on both kernel sets)
 
 
 class Net(nn.Module):

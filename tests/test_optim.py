@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from autograd import nn, optim
+from helpers import both_kernel_modes  # noqa: F401  (every test on both kernel sets)
 
 SHAPES = [(3, 4), (5,), (2, 1, 3, 3)]
 

@@ -16,7 +16,7 @@ import pytest
 import autograd
 import autograd.functional as F
 from autograd import Tensor, nn, no_grad, optim
-from helpers import ADJOINT_TOL, ELEMENT_TOL
+from helpers import ADJOINT_TOL, ELEMENT_TOL, both_kernel_modes  # noqa: F401  (every test on both kernel sets)
 from tinyddpm.unet import PRESETS, UNet
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"

@@ -4,8 +4,8 @@ Run with a Python that has PyTorch (never a project dependency):
 
     .torchvenv/bin/python tools/make_unet_fixture.py
 
-It builds the PyTorch twin of the UNet (shared/reference/torch_unet.py,
-imported by path) and writes two files into tests/fixtures/:
+It builds the PyTorch twin of the UNet that benchmarks/bench_step.py times
+(`torch_unet`) and writes two files into tests/fixtures/:
 
 - unet_tiny_reference.npz: a tiny configuration (8x8 images, ch 8, two levels,
   attention at 4x4) with a fixed seed: its parameters in torch's
@@ -19,38 +19,25 @@ imported by path) and writes two files into tests/fixtures/:
 - unet_preset_shapes.json: [name, shape] of every parameter, in order, of the
   two real presets, so the full-size parameter order is checked without torch.
 """
-import importlib.util
 import json
 import math
 import pathlib
+import sys
 
 import numpy as np
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-REFERENCE = ROOT.parent / "shared" / "reference" / "torch_unet.py"
-if not REFERENCE.exists():
-    REFERENCE = pathlib.Path("/work/shared/reference/torch_unet.py")
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+from bench_step import torch_unet  # noqa: E402
+from tinyddpm.unet import PRESETS  # noqa: E402
+
 FIXTURES = ROOT / "tests" / "fixtures"
 
-# The tiny configuration, in tinyddpm's keywords (torch's differ in two names).
+# The tiny configuration, in tinyddpm's keywords.
 TINY = dict(in_channels=1, image_size=8, ch=8, ch_mult=[1, 2], num_res_blocks=1,
             attn_resolutions=[4], dropout=0.0, num_groups=4)
 TIMESTEPS = [3, 517]
-
-
-def load_reference():
-    spec = importlib.util.spec_from_file_location("torch_unet", REFERENCE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def torch_kwargs(cfg):
-    out = {k: v for k, v in cfg.items() if k not in ("in_channels", "num_groups")}
-    out.update(in_ch=cfg["in_channels"], groups=cfg["num_groups"])
-    out.update(ch_mult=tuple(cfg["ch_mult"]), attn_resolutions=tuple(cfg["attn_resolutions"]))
-    return out
 
 
 def quantize(w):
@@ -65,9 +52,8 @@ def named_shapes(model):
 
 
 def main():
-    ref = load_reference()
     torch.manual_seed(0)
-    model = ref.UNet(**torch_kwargs(TINY)).double().eval()
+    model = torch_unet(torch, **TINY).double().eval()
 
     # Torch's default init everywhere, plus random GroupNorm affines (which
     # start at exactly 1 and 0) so that a swapped weight and bias would show.
@@ -96,8 +82,8 @@ def main():
                         names=np.array(json.dumps(named_shapes(model))))
 
     presets = {}
-    for preset, cfg in ref.PRESETS.items():
-        presets[preset] = named_shapes(ref.UNet(**cfg))
+    for preset, cfg in PRESETS.items():
+        presets[preset] = named_shapes(torch_unet(torch, **cfg))
     # One parameter a line: diffs of the file then read like diffs of the model.
     lines = ",\n".join(f'  "{preset}": [\n' + ",\n".join("    " + json.dumps(e) for e in entries) + "\n  ]"
                        for preset, entries in presets.items())

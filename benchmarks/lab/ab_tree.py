@@ -1,14 +1,14 @@
 """Before/after of the whole code: an older commit's `autograd` and `tinyddpm` against the
 working tree's, both loaded in one process, their steps alternating round by round.
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/ab_tree.py \\
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/lab/ab_tree.py \\
         --commit 7da4138 [--preset mnist-tiny] [--step train] [--rounds 15] [--threads 2]
 
-ab_step.py swaps the functions of one module; this compares everything that
-changed, when a change spans several modules. Why in one process: here two
-runs of the same benchmark minutes apart differed by more than 20% in their
-ratio to PyTorch (docs/performance.md, eighth round), while two versions
-alternating in one process see the same spells of the machine.
+A maintainer's tool: it compares everything that changed between two
+commits, one process's steps (no split over processes). Why in one process:
+two runs of the same benchmark minutes apart can differ by more than the
+change, while two versions alternating in one process see the same spells
+of the machine.
 
 How: `git worktree add` puts the older commit in a temporary folder (removed
 at the end); its packages are imported first (its benchmarks/bench_step.py
@@ -31,9 +31,10 @@ import sys
 import tempfile
 import time
 
-from common import ab_arguments, emit_json, machine_header, quartiles
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import ab_arguments, emit_json, machine_header, quartiles  # noqa: E402
 PACKAGES = ("autograd", "tinyddpm", "bench_step", "common")
 
 
