@@ -250,14 +250,12 @@ def _conv2d_forward_output_side(x, w, padding, b_col=None):
 
     y[o, i, j] = sum_{u, v} (w[:, :, u, v] @ x_pad)[o, i + u, j + v]. The copy
     this makes is kh*kw times the output instead of kh*kw times the input, so
-    it pays where C_in is well above C_out: measured on one CPU core, batch 64,
-    1.35x faster at 96->32 and 1.15x at 64->32 on 28x28 maps, 1.9x at the
-    UNet's last 32->1, but even or up to 1.4x slower at 14x14 and smaller, and
-    slower at C_in = C_out (the product has ~10% more columns here: it runs
-    over the padding too). Hence the dispatch in conv2d_forward. (Against the
-    im2col path without side padding, tenth round, two threads: 1.18x faster
-    at 96->32, 2.7x at 32->1, even at 64->32.) It keeps rows padded on the
-    left (_padded_row), so that the shifted additions read zeros past an edge.
+    it pays where C_in is well above C_out on large maps (the UNet's up path at
+    28x28 and its last 32->1), and not at C_in = C_out or on small maps, where
+    the product's extra columns over the padding cost more than the copy
+    saves: hence the dispatch in conv2d_forward (_output_side). It keeps rows
+    padded on the left (_padded_row), so that the shifted additions read
+    zeros past an edge.
     """
     xp = get_array_module(x, w)
     B, C, H, W = x.shape
@@ -336,7 +334,7 @@ def conv2d_backward(grad, x, w, stride=1, padding=0, need_x=True, need_w=True, n
     n_runs = _n_runs(n_chunks)                      # partial sums (_in_runs)
     dw_parts = xp.zeros((n_runs, K, O), dtype=grad.dtype) if need_w else None   # dL/dw transposed
     db_parts = xp.zeros((n_runs, O), dtype=grad.dtype) if need_b else None
-    # dL/db as ones @ dL/dy: a column sum by the BLAS, ~8x faster than sum(axis=0) here.
+    # dL/db as ones @ dL/dy: a column sum by the BLAS, far faster than sum(axis=0) here.
     ones = xp.ones(nb * Ho * row, dtype=grad.dtype) if need_b else None
     if need_x and dx is None:
         dx_pad = xp.zeros((B, C, Hp, Wp), dtype=grad.dtype)
@@ -395,8 +393,8 @@ def _conv2d_backward_shared_patches(grad, x, w_flip, padding, need_b):
     nb = _chunk(B, K * H * row, x.itemsize)
     n_chunks = -(-B // nb)
     im2col, _ = _im2col(grad, k, k, 1, q, H, W, nb)
-    # x channels last (one row per column of P: the product P @ x then runs
-    # 1.4-1.7x faster in OpenBLAS than x @ P^T); the extra columns stay zero.
+    # x channels last (one row per column of P: OpenBLAS runs the product P @ x
+    # faster than x @ P^T); the extra columns stay zero.
     x_bufs = Scratch(lambda: xp.zeros((nb, H, row, C), dtype=x.dtype))
     dx = xp.empty(x.shape, dtype=grad.dtype)                           # as the dL/dx convolution would give
     n_runs = _n_runs(n_chunks)                      # partial sums (_in_runs)
@@ -435,9 +433,9 @@ def _conv2d_backward_shared_patches(grad, x, w_flip, padding, need_b):
 def upsample_nearest2d_forward(x, scale):
     """Each pixel becomes a scale x scale block: (B, C, H, W) -> (B, C, sH, sW).
 
-    Written as scale^2 strided copies of x, a few images at a time: 2.5x
-    faster on a CPU than reshaping a broadcast view (whose copy walks six
-    axes, two of them of length scale).
+    Written as scale^2 strided copies of x, a few images at a time: faster on
+    a CPU than reshaping a broadcast view, whose copy walks six axes, two of
+    them of length scale.
     """
     xp = get_array_module(x)
     B, C, H, W = x.shape

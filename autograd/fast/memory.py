@@ -23,14 +23,12 @@ def keep_freed_host_memory():
     again. By default glibc serves anything above a moving threshold with a
     fresh mmap and hands the top of its heap back to the OS once more than
     twice that is free, so the next step's arrays land on fresh pages: a page
-    fault and a zeroed page per 4 KB written, serialized between threads. A
-    group norm forward at 32 channels, 28x28, batch 64, on 2 threads took
-    9.0 ms with 1329 page faults per call, 3.7 ms with 55 after this. What
-    it costs: the process's resident memory stays near its peak instead of
-    shrinking between steps (the peak of a mnist-tiny training step measured
-    543 MB before, 545 MB after), and each thread's malloc arena may keep
-    freed memory too. Arrays above 32 MB (glibc's ceiling for the threshold)
-    still get their own mapping. The autograd kernels ask for this at their
+    fault and a zeroed page per 4 KB written, serialized between threads,
+    which can take longer than the arithmetic of an element-wise kernel.
+    What it costs: the process's resident memory stays near its peak instead
+    of shrinking between steps (the peak itself hardly moves), and each
+    thread's malloc arena may keep freed memory too. Arrays above 32 MB (glibc's ceiling for the threshold)
+    still get their own mapping. The fast kernels ask for this at their
     first CPU loop; TINYDDPM_MALLOC=default in the environment leaves glibc's
     defaults alone. Does nothing where the C library is not glibc; returns
     whether it applied. CuPy needs none of this: its memory pool already
@@ -60,15 +58,9 @@ def keep_freed_host_memory():
 # shape (n, C, 1)). Such a broadcast stops NumPy from treating the rows as one
 # long run, so by default its iterator copies several rows at a time into
 # buffers of 8192 values and the per-row operand out value by value. With a
-# buffer shorter than a row it works on the rows in place. A multiply by a
-# per-row value, against one by a
-# scalar (one thread, 250,000 values, tenth round): rows of 784 (28x28 maps)
-# 2.6x as long by default, 1.3x with a 16-value buffer; rows of 196 2.6x and
-# 2.1x; rows of 49 3.0x and 6.6x, so rows shorter than _NARROW_FROM keep the
-# default. The setting is NumPy's, per thread. Not used for a convolution's
-# time-embedding shift: added to one image's output in cache, the narrow
-# buffer made those convolutions 1.01-1.08x as long (the set and restore cost
-# about 4 us a chunk).
+# buffer shorter than a row it works on the rows in place, which pays for rows
+# of a 14x14 map and up and costs on shorter ones, so rows shorter than
+# _NARROW_FROM keep the default. The setting is NumPy's, per thread.
 _NARROW_BUFFER = 16                     # NumPy wants a multiple of 16
 _NARROW_FROM = 128
 

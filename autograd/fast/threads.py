@@ -9,18 +9,17 @@ plain Python threads run them in parallel.
 Why not leave the cores to the BLAS, as NumPy does by default? A multi-threaded
 matrix product splits one product over the cores, but everything between the
 products (im2col copies, layout changes, the normalization passes) runs on one
-core: on a 2-core machine a second BLAS thread made a training step only ~5%
-faster. Running whole chunks (copy + product + write-back) side by side keeps
-both cores busy more of the time. The BLAS itself must then keep to one
-thread, for as long as the kernels run, not only inside the loops: OpenBLAS's
-threads spin for a while after each product, waiting for the next one, and
-take the core that a chunk's thread needs (capping the BLAS only inside each
-loop measured no faster than leaving all threads to the BLAS; capping it for
-the whole run, 1.3x faster). One BLAS thread per product also makes the
+core, so a second BLAS thread gains little. Running whole chunks (copy +
+product + write-back) side by side keeps both cores busy more of the time.
+The BLAS itself must then keep to one thread, for as long as the kernels run,
+not only inside the loops: OpenBLAS's threads spin for a while after each
+product, waiting for the next one, and take the core that a chunk's thread
+needs. One BLAS thread per product also makes the
 numbers the same for any number of pool threads: a multi-threaded OpenBLAS
 product is not always bit for bit the single-threaded one. So the first
 kernel loop sets NumPy's BLAS to one thread for the rest of the process;
-`release_blas()` gives it its threads back (until the next kernel loop).
+`release_blas()` gives it its threads back (until the next kernel loop), and
+`autograd.fast.disable()` calls it.
 
     parallel_for(n, body)   calls body(i, worker) for i in range(n)
 
@@ -194,10 +193,9 @@ class _Loop:
     The caller waits for the threads that came to work on the loop, not for
     every thread it asked: a pool thread that wakes up once the caller has
     finished (waking a sleeping thread can take longer than a small loop)
-    finds the loop closed and leaves without touching it. Waiting for every
-    asked thread to come and go cost each loop that wake-up, 0.1-0.3 ms on
-    this project's 2-core virtual machines, some 75 times per sampling step.
-    Taking a chunk needs no lock: next() on an itertools.count is atomic
+    finds the loop closed and leaves without touching it; waiting for every
+    asked thread to come and go would cost each loop a wake-up, and a step
+    runs dozens of loops. Taking a chunk needs no lock: next() on an itertools.count is atomic
     under the GIL; the lock guards only each thread's arrival and departure.
     """
 
