@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command that proves the CuPy path on a CUDA machine and prints one report:
-#   1. the GPU tests (tests/gpu/: every op, the UNet and a 20-step run against NumPy),
+#   1. the GPU tests (tests/gpu/: every op, the UNet and a 20-step run against NumPy,
+#      on the plain kernels and on autograd/fast's twins),
 #   2. the step benchmark on the GPU for both presets at batch 128
 #      (with PyTorch eager beside it when torch is installed), a per-op
 #      profile of the mnist preset's steps, and each of its convolutions
@@ -80,6 +81,7 @@ part() {
 }
 
 : > "$report"
+note "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')"
 note "GPU: $($py -c 'import cupy; p = cupy.cuda.runtime.getDeviceProperties(0); print(p["name"].decode(), "| CuPy", cupy.__version__, "| CUDA runtime", cupy.cuda.runtime.runtimeGetVersion())')"
 note "$(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader 2>/dev/null)"
 note "$($py -c 'import numpy, sys; print("Python", sys.version.split()[0], "| NumPy", numpy.__version__)')"
@@ -103,6 +105,10 @@ step "benchmark: mnist, batch 128, cuda, TF32 on for both$against"
 part "bench mnist tf32" "$bench_s" $py benchmarks/bench_step.py --device cuda --preset mnist --batch 128 \
     --rounds 5 --tf32 $compare --no-memory > >(tee -a "$out/bench.log") 2>&1
 grep -E '^\{"bench": "step", "preset' "$out/bench.log" >> "$report"
+
+step "benchmark: mnist-tiny, batch 128, cuda, the plain kernels alone (AUTOGRAD_FAST=0)"
+part "bench mnist-tiny plain" "$bench_s" env AUTOGRAD_FAST=0 $py benchmarks/bench_step.py --device cuda \
+    --preset mnist-tiny --batch 128 --rounds 3 --no-memory > >(tee -a "$out/bench.log") 2>&1
 
 step "profile: mnist, batch 128, cuda (per op, each op between device synchronizations)"
 part "profile mnist" "$bench_s" $py benchmarks/bench_step.py --device cuda --preset mnist --batch 128 \
