@@ -223,6 +223,37 @@ def test_loss_is_float32_and_backpropagates_into_the_model():
     assert model.w.grad[0] == pytest.approx((2 * residual * x_t).mean(), rel=1e-4)
 
 
+def test_min_snr_loss_weights_each_example_by_min_snr_gamma_over_snr():
+    """Hang et al. 2023 for an eps model: example b's squared error counts min(SNR_t, gamma) / SNR_t."""
+    d = GaussianDiffusion(linear_betas(100, 1e-3, 0.2))
+    model = Scale(dtype=np.float64)
+    x0 = np.random.default_rng(3).uniform(-1, 1, (6, 1, 4, 4))
+    rng = np.random.default_rng(7)                  # the loss's own draws, by hand: t, then the noise
+    t = rng.integers(0, 100, size=6)
+    noise = rng.standard_normal(x0.shape)
+    abar = np.cumprod(1 - np.linspace(1e-3, 0.2, 100))[t]
+    x_t = np.sqrt(abar)[:, None, None, None] * x0 + np.sqrt(1 - abar)[:, None, None, None] * noise
+    snr = abar / (1 - abar)
+    gamma = float(np.median(snr))                   # some examples above it, some below
+    weight = np.where(snr > gamma, gamma / snr, 1.0)
+    loss = d.loss(model, x0, np.random.default_rng(7), min_snr_gamma=gamma)
+    loss.backward()
+    per_example = ((0.5 * x_t - noise) ** 2).mean(axis=(1, 2, 3))
+    assert 0 < weight.min() < 1 and weight.max() == 1.0, "the draws should reach both sides of gamma"
+    assert loss.item() == pytest.approx((weight * per_example).mean(), rel=1e-12)
+    grad = (weight[:, None, None, None] * 2 * (0.5 * x_t - noise) * x_t).mean()
+    assert model.w.grad[0] == pytest.approx(grad, rel=1e-10)
+
+
+def test_min_snr_loss_with_gamma_above_every_snr_is_the_plain_loss():
+    d = GaussianDiffusion(linear_betas(100, 1e-3, 0.2))
+    x0 = np.random.default_rng(3).uniform(-1, 1, (4, 1, 5, 5))
+    top = float((d.alphas_cumprod / (1 - d.alphas_cumprod)).max())
+    plain = d.loss(Scale(dtype=np.float64), x0, np.random.default_rng(1)).item()
+    weighted = d.loss(Scale(dtype=np.float64), x0, np.random.default_rng(1), min_snr_gamma=2 * top).item()
+    assert weighted == pytest.approx(plain, rel=1e-14)
+
+
 def test_loss_keeps_float64():
     d = GaussianDiffusion(linear_betas(10, 1e-3, 0.2))
     loss = d.loss(Scale(dtype=np.float64), np.zeros((2, 3)), np.random.default_rng(0))

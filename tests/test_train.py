@@ -19,7 +19,7 @@ from tinyddpm.cli import main
 from tinyddpm.config import TrainConfig
 from tinyddpm.data import load_mnist
 from tinyddpm.diffusion import GaussianDiffusion
-from tinyddpm.train import BatchStream, learning_rate
+from tinyddpm.train import BatchStream, ema_decay, learning_rate
 
 MICRO = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(14,), dropout=0.1, num_groups=4)
 STEPS = 4
@@ -132,6 +132,35 @@ def test_learning_rate_warms_up_linearly():
     config = TrainConfig(lr=1e-3, warmup=4)
     assert [learning_rate(config, s) for s in (1, 2, 4, 5, 100)] == [2.5e-4, 5e-4, 1e-3, 1e-3, 1e-3]
     assert learning_rate(TrainConfig(lr=1e-3, warmup=0), 1) == 1e-3
+
+
+@pytest.mark.parametrize("schedule, middle", [("cosine", 0.5e-3), ("linear", 0.5e-3)])
+def test_decaying_learning_rates_go_from_lr_after_warm_up_to_zero_at_the_last_step(schedule, middle):
+    config = TrainConfig(lr=1e-3, warmup=10, steps=110, lr_schedule=schedule)
+    assert learning_rate(config, 5) == pytest.approx(0.5e-3)           # warm-up as before
+    assert learning_rate(config, 10) == pytest.approx(1e-3)
+    assert learning_rate(config, 60) == pytest.approx(middle)
+    assert learning_rate(config, 110) == pytest.approx(0.0, abs=1e-15)
+    rates = [learning_rate(config, s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    if schedule == "cosine":       # slower than the line at first, faster at the end
+        assert learning_rate(config, 35) > 0.75e-3 and learning_rate(config, 85) < 0.25e-3
+
+
+def test_ema_decay_is_fixed_or_ramps_up_to_the_configured_decay():
+    fixed = TrainConfig(ema_decay=0.995)
+    assert {ema_decay(fixed, s) for s in (1, 10, 1000)} == {0.995}
+    ramp = TrainConfig(ema_decay=0.995, ema_schedule="warmup")
+    assert ema_decay(ramp, 1) == pytest.approx(2 / 11) and ema_decay(ramp, 80) == pytest.approx(0.9)
+    assert ema_decay(ramp, 10_000) == 0.995
+
+
+def test_a_config_written_before_the_recipe_options_keeps_the_papers_recipe():
+    old = TrainConfig().to_dict()
+    for key in ("lr_schedule", "ema_schedule", "loss_weight"):
+        del old[key]
+    restored = TrainConfig.from_dict(old)
+    assert (restored.lr_schedule, restored.ema_schedule, restored.loss_weight) == ("constant", "fixed", "uniform")
 
 
 # =============================================================================

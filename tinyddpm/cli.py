@@ -61,8 +61,19 @@ TRAIN_OPTIONS = [
     ("--batch-size", "batch_size", int, f"images per step (default {_per_device('batch_size')})"),
     ("--lr", "lr", float, f"Adam learning rate (default {_per_device('lr')})"),
     ("--warmup", "warmup", int, f"steps of linear learning-rate warm-up (default {_per_device('warmup')})"),
+    ("--lr-schedule", "lr_schedule", str,
+     f"learning rate after warm-up: constant (the paper's), cosine or linear decay to 0 "
+     f"(default {_per_device('lr_schedule')})"),
     ("--grad-clip", "grad_clip", float, f"global gradient-norm clip (default {_D.grad_clip})"),
     ("--ema-decay", "ema_decay", float, f"decay of the weights' moving average (default {_per_device('ema_decay')})"),
+    ("--ema-schedule", "ema_schedule", str,
+     f"fixed (the paper's) or warmup: decay min(ema-decay, (1+t)/(10+t)) (default {_per_device('ema_schedule')})"),
+    ("--loss-weight", "loss_weight", str,
+     f"uniform (eq. 14, the paper's) or min-snr: min(SNR, gamma)/SNR per example, Hang et al. 2023 "
+     f"(default {_per_device('loss_weight')})"),
+    ("--min-snr-gamma", "min_snr_gamma", float, f"gamma of --loss-weight min-snr (default {_D.min_snr_gamma})"),
+    ("--variance", "variance", str,
+     f"sigma_t^2 of the reverse steps: beta (the paper's) or posterior (beta-tilde) (default {_per_device('variance')})"),
     ("--timesteps", "T", int, f"diffusion steps T (default {_D.T})"),
     ("--schedule", "schedule", str, f"noise schedule: linear or cosine (default {_D.schedule})"),
     ("--seed", "seed", int, f"seed of every random draw (default {_D.seed})"),
@@ -121,6 +132,9 @@ def add_sample_arguments(parser):
                         help="DDPM's Algorithm 2, or DDIM (default ancestral)")
     parser.add_argument("--eta", type=float, default=None,
                         help="DDIM's noise: 0 deterministic, 1 like ancestral (default 0; ddim only)")
+    parser.add_argument("--variance", choices=("beta", "posterior"), default=None,
+                        help="sigma_t^2 of the ancestral steps: beta (the paper's) or posterior "
+                             "(beta-tilde) (default: the checkpoint's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default 0)")
     parser.add_argument("--batch-size", type=int, default=None, help="samples per network call (default 256)")
     parser.add_argument("--out", metavar="GRID.png", default=None,
@@ -182,7 +196,7 @@ def run_sample(args):
         result = sample_checkpoint(args.checkpoint, args.n, steps=args.steps, sampler=args.sampler,
                                    eta=args.eta or 0.0, seed=args.seed, batch_size=args.batch_size,
                                    use_ema=args.ema, device=args.device, progress=progress,
-                                   trajectory=trajectory)
+                                   trajectory=trajectory, variance=args.variance)
     except SampleError as exc:
         # sample_checkpoint checks what only the checkpoint can tell (e.g. --steps against T).
         raise UsageError(f"tinyddpm sample: error: {exc}") from None

@@ -34,14 +34,23 @@ from tinyddpm.unet import PRESETS
 # FID 44.6 on 10,000 samples. --steps asks for a longer run.
 DEVICE_DEFAULTS = {
     "cpu": dict(preset="mnist-tiny", steps=2000, batch_size=64, lr=1e-3, warmup=200,
-                ema_decay=0.995, sample_steps=100),
+                lr_schedule="constant", ema_decay=0.995, ema_schedule="fixed", loss_weight="uniform",
+                variance="beta", sample_steps=100),
     "cuda": dict(preset="mnist", steps=2000, batch_size=128, lr=1e-3, warmup=200,
-                 ema_decay=0.995, sample_steps=250),
+                 lr_schedule="constant", ema_decay=0.995, ema_schedule="fixed", loss_weight="uniform",
+                 variance="beta", sample_steps=250),
 }
 
 DEVICES = ("cpu", "cuda")
 SCHEDULES = ("linear", "cosine")
 VARIANCES = ("beta", "posterior")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+EMA_SCHEDULES = ("fixed", "warmup")
+LOSS_WEIGHTS = ("uniform", "min-snr")
+
+# What a configuration written before a field existed meant by it: a resumed
+# run of an older checkpoint goes on as it started, whatever today's default.
+LEGACY_VALUES = {"lr_schedule": "constant", "ema_schedule": "fixed", "loss_weight": "uniform"}
 
 # Fields that may differ between a checkpoint and the run that resumes it:
 # how long to train (to extend a run) and what gets written along the way.
@@ -79,10 +88,14 @@ class TrainConfig:
     lr: float = DEVICE_DEFAULTS["cpu"]["lr"]          # Adam learning rate (paper: 2e-4 on CIFAR-10)
     warmup: int = DEVICE_DEFAULTS["cpu"]["warmup"]    # linear warm-up of lr over the first steps
                                    # (paper: 5000 of 800k; ours are short runs, so proportionally fewer)
+    lr_schedule: str = "constant"  # after warm-up: "constant" (paper), or "cosine" / "linear" to 0
     grad_clip: float = 1.0         # clip the global gradient norm (paper's code: 1.0)
     ema_decay: float = DEVICE_DEFAULTS["cpu"]["ema_decay"]   # paper: 0.9999, an average over ~10k
                                    # steps; a 2k-step run wants ~200, or the average still
                                    # remembers the random init
+    ema_schedule: str = "fixed"    # "fixed" (paper) or "warmup": min(decay, (1+t)/(10+t))
+    loss_weight: str = "uniform"   # eq. 14 as it is ("uniform", paper) or "min-snr" (Hang et al. 2023)
+    min_snr_gamma: float = 5.0     # gamma of min(SNR_t, gamma) / SNR_t, with loss_weight "min-snr"
 
     # ---- reproducibility and hardware -----------------------------------
     seed: int = 0                  # fixes init, data order, noise and dropout
@@ -126,6 +139,13 @@ class TrainConfig:
         if self.variance not in VARIANCES:
             raise ConfigError("variance", f"unknown variance {self.variance!r}; choose one of "
                                           f"{', '.join(VARIANCES)}")
+        for name, choices in (("lr_schedule", LR_SCHEDULES), ("ema_schedule", EMA_SCHEDULES),
+                              ("loss_weight", LOSS_WEIGHTS)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(name, f"unknown value {getattr(self, name)!r}; choose one of "
+                                        f"{', '.join(choices)}")
+        if not self.min_snr_gamma > 0:
+            raise ConfigError("min_snr_gamma", f"must be > 0, got {self.min_snr_gamma}")
         for name in ("image_size", "T", "steps", "batch_size", "sample_n"):
             _check_int(name, getattr(self, name), minimum=1)
         for name in ("warmup", "save_every", "sample_every", "log_every", "seed"):
@@ -165,14 +185,15 @@ class TrainConfig:
     def from_dict(cls, values):
         """Build from a dict, refusing unknown keys (a typo would otherwise be ignored).
 
-        Missing keys take the current defaults, so a config written before a
-        field was added still loads.
+        Missing keys take LEGACY_VALUES where the field changed what a run does,
+        else the current defaults, so a config written before a field was
+        added still loads and means what it meant.
         """
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(unknown[0], f"unknown configuration key(s): {', '.join(unknown)}")
-        return cls(**values)
+        return cls(**{**LEGACY_VALUES, **values})
 
     @classmethod
     def from_json(cls, text):

@@ -166,7 +166,7 @@ class GaussianDiffusion:
                              f"got {type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
         return out
 
-    def loss(self, model, x0, rng):
+    def loss(self, model, x0, rng, min_snr_gamma=None):
         """The simple loss of eq. 14 for one batch, as in Algorithm 1.
 
         x0: (B, ...) float32 or float64 array (or Tensor) of data in [-1, 1].
@@ -176,12 +176,24 @@ class GaussianDiffusion:
         over every element (the paper writes a sum over pixels; the official code
         takes the mean, which only rescales the learning rate). backward() on it
         reaches the model's parameters.
+        min_snr_gamma: None for eq. 14 as it is. A number gamma weights each
+            example's squared error by min(SNR_t, gamma) / SNR_t, with SNR_t =
+            alpha_bar_t / (1 - alpha_bar_t) (Hang et al. 2023, "Efficient
+            Diffusion Training via Min-SNR Weighting Strategy", for an
+            eps-prediction model): the nearly clean steps, where predicting the
+            noise is hardest and matters least for the samples, count less.
         """
         x0 = _array(x0)
         t = rng.integers(0, self.T, size=x0.shape[0])                  # t ~ Uniform({1, ..., T})
         noise = rng.standard_normal(x0.shape, dtype=x0.dtype)          # eps ~ N(0, I)
         x_t = self.q_sample(x0, t, noise)                              # eq. 4
-        return F.mse_loss(self.model_eps(model, x_t, t), Tensor(noise))
+        eps = self.model_eps(model, x_t, t)
+        if min_snr_gamma is None:
+            return F.mse_loss(eps, Tensor(noise))                      # eq. 14
+        snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
+        weight = Tensor(extract(np.minimum(snr, min_snr_gamma) / snr, t, x0))      # (B, 1, 1, 1)
+        error = eps - Tensor(noise)
+        return (error * error * weight).mean()
 
     # =========================================================================
     # Ancestral sampling (Algorithm 2)

@@ -19,6 +19,7 @@ process to float32 rounding).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,19 +47,23 @@ class Sampled:
     steps: int                     # reverse steps taken per sample
 
 
-def load_model(checkpoint_path, use_ema=True, device="cpu"):
+def load_model(checkpoint_path, use_ema=True, device="cpu", variance=None):
     """The network of a checkpoint, in evaluation mode on `device`, and its diffusion.
 
+    variance: sigma_t^2 of the reverse steps, "beta" or "posterior"; by default
+    the one the checkpoint's configuration names.
     Returns (model, diffusion, checkpoint). Raises CheckpointError for a bad file.
     """
     checkpoint = load_checkpoint(checkpoint_path)
     model = build_model(checkpoint.config)
     checkpoint.load_into(model, ema_weights=use_ema)
-    return model.to(device).eval(), build_diffusion(checkpoint.config), checkpoint
+    config = checkpoint.config if variance is None else dataclasses.replace(checkpoint.config, variance=variance)
+    return model.to(device).eval(), build_diffusion(config), checkpoint
 
 
 def sample_checkpoint(checkpoint_path, n, steps=None, sampler="ancestral", eta=0.0, seed=0,
-                      batch_size=None, use_ema=True, device="cpu", progress=None, trajectory=None):
+                      batch_size=None, use_ema=True, device="cpu", progress=None, trajectory=None,
+                      variance=None):
     """Draw n samples from a checkpoint; returns a `Sampled`.
 
     steps: reverse steps (respaced); default all T for ancestral, 50 for DDIM.
@@ -67,6 +72,8 @@ def sample_checkpoint(checkpoint_path, n, steps=None, sampler="ancestral", eta=0
     progress: None, or a callable called once per reverse step of each batch.
     trajectory: None, "strip" or "gif": also keep x_t of the first few samples
         at evenly spaced times (10 for a strip, 50 for a GIF).
+    variance: the ancestral steps' sigma_t^2, "beta" or "posterior" (default:
+        the checkpoint's).
     The result depends only on the checkpoint, the arguments and `seed` (and,
     to float32 rounding, on how many processes share each network call: the
     kernels' thread count, see the module doc).
@@ -75,7 +82,9 @@ def sample_checkpoint(checkpoint_path, n, steps=None, sampler="ancestral", eta=0
         raise SampleError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if n < 1:
         raise SampleError(f"n must be >= 1, got {n}")
-    model, diffusion, checkpoint = load_model(checkpoint_path, use_ema, device)
+    if variance not in (None, "beta", "posterior"):
+        raise SampleError(f"unknown variance {variance!r}; choose beta or posterior")
+    model, diffusion, checkpoint = load_model(checkpoint_path, use_ema, device, variance)
     if steps is None:
         steps = diffusion.T if sampler == "ancestral" else min(DDIM_DEFAULT_STEPS, diffusion.T)
     if not 1 <= steps <= diffusion.T:

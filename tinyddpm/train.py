@@ -96,14 +96,43 @@ def build_diffusion(config):
 
 
 def learning_rate(config, step):
-    """Linear warm-up from lr / warmup to lr over the first `warmup` steps, then constant.
+    """The learning rate of step `step` (1-based: the step about to be taken).
 
-    step is 1-based (the step about to be taken). DDPM warms up too; Adam's
-    first updates, based on barely-estimated moments, are otherwise too large.
+    A linear warm-up from lr / warmup to lr over the first `warmup` steps, as
+    DDPM's: Adam's first updates, based on barely-estimated moments, are
+    otherwise too large. Then, with lr_schedule "constant", lr to the end, as
+    the paper; with "cosine" or "linear", lr decays to zero at the last step,
+    along half a cosine or a straight line (a short run then ends on small
+    steps, which averages out the noise of the last gradients). The end is
+    `steps`: a run extended with --resume --steps decays to its new end.
     """
-    if config.warmup == 0:
+    if config.warmup and step <= config.warmup:
+        return config.lr * step / config.warmup
+    if config.lr_schedule == "constant":
         return config.lr
-    return config.lr * min(1.0, step / config.warmup)
+    done = (step - config.warmup) / max(1, config.steps - config.warmup)     # 0 after warm-up, 1 at the end
+    done = min(1.0, max(0.0, done))
+    if config.lr_schedule == "cosine":
+        return config.lr * 0.5 * (1 + math.cos(math.pi * done))
+    return config.lr * (1 - done)
+
+
+def ema_decay(config, step):
+    """The EMA's decay at step `step` (1-based).
+
+    "fixed": ema_decay throughout, as the paper. "warmup": min(ema_decay,
+    (1 + step) / (10 + step)), which averages over roughly the steps taken so
+    far early in the run (0.17 at step 1, 0.9 at step 80) instead of
+    remembering the random initialization for ~1 / (1 - decay) steps.
+    """
+    if config.ema_schedule == "fixed":
+        return config.ema_decay
+    return min(config.ema_decay, (1 + step) / (10 + step))
+
+
+def loss_weighting(config):
+    """The keyword arguments of GaussianDiffusion.loss for the config's loss weighting."""
+    return {"min_snr_gamma": config.min_snr_gamma} if config.loss_weight == "min-snr" else {}
 
 
 # =============================================================================
@@ -407,7 +436,7 @@ def train(plan, reporter=None):
                 x0 = backend.to_device(batches.next(), device)           # the one transfer of the step
                 optimizer.lr = learning_rate(config, step + 1)
                 optimizer.zero_grad()
-                loss = diffusion.loss(net, x0, noise_rng)
+                loss = diffusion.loss(net, x0, noise_rng, **loss_weighting(config))
                 loss.backward()
                 # Reading the loss on the host waits for the GPU. Read only once the backward is
                 # queued, so the device never idles while Python queues it; a NaN has then made
@@ -421,6 +450,7 @@ def train(plan, reporter=None):
                 if not math.isfinite(grad_norm):
                     return _diverged("gradient norm", grad_norm, step + 1, out, saved["step"])
                 optimizer.step()
+                ema.decay = ema_decay(config, step + 1)
                 ema.update()
                 step += 1
 
