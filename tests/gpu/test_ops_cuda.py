@@ -1,11 +1,16 @@
 """The engine's ops on CuPy give NumPy's results: forward and gradients, in
 float64 (tight) and float32 (float32 tolerances), and the float64 gradient
-check passes on the GPU too."""
+check passes on the GPU too. Each runs twice: with the fast layer's twins
+(autograd/fast: the CUDA kernels, cuBLAS, flat optimizer buffers) and with
+the plain kernels alone, which must work on CuPy as written."""
 import numpy as np
 import pytest
 
 import autograd.functional as F
-from autograd import Tensor, gradcheck
+from autograd import Tensor, fast, gradcheck
+
+# The op suite with autograd.fast enabled, then disabled (conftest.py's fixture)
+both_layers = pytest.mark.parametrize("fast_layer", ["fast", "plain"], indirect=True)
 
 # (name, function of tensors, input shapes)
 CASES = [
@@ -18,9 +23,6 @@ CASES = [
     ("conv3x3_pad1", lambda x, w, b: F.conv2d(x, w, b, padding=1), [(2, 3, 7, 7), (4, 3, 3, 3), (4,)]),
     ("conv3x3_stride2", lambda x, w: F.conv2d(x, w, stride=2, padding=1), [(2, 3, 9, 9), (4, 3, 3, 3)]),
     ("conv1x1", F.conv2d, [(2, 3, 5, 5), (4, 3, 1, 1)]),
-    ("conv3x3_add", lambda x, w, b, r: F.conv2d(x, w, b, padding=1, add=r),
-     [(2, 3, 7, 7), (4, 3, 3, 3), (4,), (2, 4, 7, 7)]),
-    ("conv1x1_add_shift", lambda x, w, r: F.conv2d(x, w, add=r), [(2, 3, 5, 5), (4, 3, 1, 1), (2, 4, 1, 1)]),
     ("conv1x5_pad2", lambda x, w: F.conv2d(x, w, padding=2), [(2, 2, 6, 1), (3, 2, 1, 5)]),
     ("group_norm", lambda x, g, b: F.group_norm(x, 2, g, b), [(2, 4, 5, 5), (4,), (4,)]),
     ("group_norm_silu", lambda x, g, b: F.group_norm_silu(x, 2, g, b), [(2, 4, 5, 5), (4,), (4,)]),
@@ -43,9 +45,10 @@ def _run(fn, arrays, device, dtype):
     return out.numpy(), [x.grad for x in inputs]
 
 
+@both_layers
 @pytest.mark.parametrize("dtype, rtol, atol", [(np.float64, 1e-10, 1e-12), (np.float32, 1e-4, 1e-5)])
 @pytest.mark.parametrize("name, fn, shapes", CASES, ids=[c[0] for c in CASES])
-def test_op_on_cupy_matches_numpy(name, fn, shapes, dtype, rtol, atol):
+def test_op_on_cupy_matches_numpy(name, fn, shapes, dtype, rtol, atol, fast_layer):
     rng = np.random.default_rng(0)
     arrays = [rng.standard_normal(s) for s in shapes]
     out_cpu, grads_cpu = _run(fn, arrays, "cpu", dtype)
@@ -57,8 +60,9 @@ def test_op_on_cupy_matches_numpy(name, fn, shapes, dtype, rtol, atol):
         np.testing.assert_allclose(Tensor(g_gpu).numpy(), g_cpu, rtol=rtol, atol=atol)
 
 
+@both_layers
 @pytest.mark.parametrize("name, fn, shapes", CASES, ids=[c[0] for c in CASES])
-def test_gradcheck_on_cupy(name, fn, shapes):
+def test_gradcheck_on_cupy(name, fn, shapes, fast_layer):
     rng = np.random.default_rng(0)
     inputs = [Tensor(rng.standard_normal(s), requires_grad=True).to("cuda") for s in shapes]
     assert gradcheck(fn, inputs, mode="adjoint")
@@ -80,9 +84,11 @@ def test_mixing_devices_is_refused():
         _ = a + b
 
 
+@both_layers
 @pytest.mark.parametrize("dtype, rtol, atol", [(np.float64, 1e-12, 1e-14), (np.float32, 1e-5, 1e-7)])
-def test_adam_fused_update_on_cupy_matches_numpy(dtype, rtol, atol):
-    """Adam's update is one fused kernel on CuPy (cupy.fuse), written in place."""
+def test_adam_update_on_cupy_matches_numpy(dtype, rtol, atol, fast_layer):
+    """With the fast layer Adam's update is one fused kernel on CuPy (cupy.fuse) over
+    a flat buffer, written in place; without it, the plain loop. Either way NumPy's numbers."""
     from autograd.nn import Parameter
     from autograd.optim import Adam
     rng = np.random.default_rng(0)
@@ -90,18 +96,20 @@ def test_adam_fused_update_on_cupy_matches_numpy(dtype, rtol, atol):
     results = []
     for device in ("cpu", "cuda"):
         p = Parameter(values.copy()).to(device)
-        opt = Adam([p], lr=1e-2, weight_decay=0.01)   # on CUDA p.data is now a view of its flat buffer
-        data_id = id(p.data)
+        opt = Adam([p], lr=1e-2, weight_decay=0.01)
+        data = None
         for g in grads:
             p.grad = Tensor(g).to(device).data.copy()
-            opt.step()
-        assert id(p.data) == data_id, "the update must be in place"
+            opt.step()                  # the first flat step makes p.data a view of the flat buffer
+            assert data is None or p.data is data, "the update must be in place"
+            data = p.data
         results.append(Tensor(p.data).numpy())
     np.testing.assert_allclose(results[1], results[0], rtol=rtol, atol=atol)
 
 
+@both_layers
 @pytest.mark.parametrize("scale", [3.0, 0.01], ids=["clipped", "under_the_limit"])
-def test_clip_grad_norm_stays_on_the_gpu_and_matches_numpy(scale):
+def test_clip_grad_norm_stays_on_the_gpu_and_matches_numpy(scale, fast_layer):
     """The norm comes back as a CuPy array (no host read inside a training step),
     and the clipped gradients equal NumPy's."""
     import cupy
@@ -124,17 +132,16 @@ def test_clip_grad_norm_stays_on_the_gpu_and_matches_numpy(scale):
 
 
 def test_tf32_is_opt_in_and_can_be_switched_off_again():
-    from autograd import backend
     import cupy
     a = cupy.asarray(np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32))
     exact = Tensor(a).numpy().astype(np.float64) @ Tensor(a).numpy().astype(np.float64)
-    backend.set_tf32(False)                        # whatever CUPY_TF32 the environment had
+    fast.set_tf32(False)                           # whatever CUPY_TF32 the environment had
     full = Tensor(a @ a).numpy()
     try:
-        assert backend.set_tf32(True)
+        assert fast.set_tf32(True)
         tf32 = Tensor(a @ a).numpy()
     finally:
-        backend.set_tf32(False)
+        fast.set_tf32(False)
     again = Tensor(a @ a).numpy()
     err = lambda c: np.abs(c - exact).max() / np.abs(exact).max()  # noqa: E731
     assert err(full) < 1e-5 and err(again) < 1e-5

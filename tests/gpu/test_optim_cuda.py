@@ -1,11 +1,15 @@
-"""Adam, clipping and the EMA on CuPy: flat buffers by default (a handful of
-kernels a step, not a few per parameter), with the numbers of the loops over
-parameters on NumPy, in float64 (tight) and float32 (float32 tolerances)."""
+"""Adam, clipping and the EMA on CuPy: with the fast layer, flat buffers by
+default (autograd/fast/optim.py: a handful of kernels a step, not a few per
+parameter), with the numbers of the plain loops over parameters on NumPy, in
+float64 (tight) and float32 (float32 tolerances)."""
+import contextlib
+
 import numpy as np
 import pytest
 
 from autograd import Tensor, backend, nn, optim
 from autograd import functional as F
+from autograd.fast import optim as fast_optim
 from tinyddpm.unet import UNet
 
 SHAPES = [(3, 4), (5,), (2, 1, 3, 3), (1,)]
@@ -24,21 +28,36 @@ def gradients(steps, dtype, scale=3.0, seed=1):
     return [[(scale * rng.standard_normal(s)).astype(dtype) for s in SHAPES] for _ in range(steps)]
 
 
+pytestmark = pytest.mark.usefixtures("fast_layer")      # autograd.fast on (conftest.py)
+
+
+@contextlib.contextmanager
+def flat_mode(mode):
+    """fast.optim.FLAT["mode"]: None lets the device decide (flat on CuPy), False: the loops."""
+    before = fast_optim.FLAT["mode"]
+    fast_optim.FLAT["mode"] = mode
+    try:
+        yield
+    finally:
+        fast_optim.FLAT["mode"] = before
+
+
 class Run:
     """Adam, clipping and the EMA over some parameters; flat=None lets the device decide."""
 
     def __init__(self, params, flat=None, max_norm=1.0, weight_decay=0.01):
         self.params, self.flat, self.max_norm = params, flat, max_norm
-        self.opt = optim.Adam(params, 1e-2, betas=(0.8, 0.99), weight_decay=weight_decay, flat=flat)
-        self.ema = optim.EMA(params, decay=0.9, flat=flat)
+        self.opt = optim.Adam(params, 1e-2, betas=(0.8, 0.99), weight_decay=weight_decay)
+        self.ema = optim.EMA(params, decay=0.9)
         self.norms = []
 
     def step(self, grads):
         for p, g in zip(self.params, grads):
             p.grad = None if g is None else backend.to_device(g, p.device).copy()
-        self.norms.append(float(optim.clip_grad_norm(self.params, self.max_norm, flat=self.flat)))
-        self.opt.step()
-        self.ema.update()
+        with flat_mode(self.flat):
+            self.norms.append(float(optim.clip_grad_norm(self.params, self.max_norm)))
+            self.opt.step()
+            self.ema.update()
 
     def arrays(self):
         """Parameters, m, v and shadow, as host copies."""
@@ -68,27 +87,24 @@ def test_on_cuda_parameters_moments_shadow_and_gradients_are_flat_by_default():
     params = make_params(np.float32, "cuda")
     values = [backend.to_numpy(p.data) for p in params]
     run = Run(params)
-    assert run.opt.flat and run.ema.flat
-    assert_views_of_one_buffer([p.data for p in params])
-    for p, v in zip(params, values):
-        np.testing.assert_array_equal(backend.to_numpy(p.data), v)
-    for slot in (run.opt.m, run.opt.v, run.ema.shadow):
+    run.step(gradients(1, np.float32)[0])          # the first step makes the buffers
+    for slot in ([p.data for p in params], run.opt.m, run.opt.v, run.ema.shadow, [p.grad for p in params]):
         assert_views_of_one_buffer(slot)
-    datas = [p.data for p in params]
-    run.step(gradients(1, np.float32)[0])
-    assert all(p.data is d for p, d in zip(params, datas))       # updated in place
-    assert_views_of_one_buffer([p.grad for p in params])
     assert not any(np.array_equal(backend.to_numpy(p.data), v) for p, v in zip(params, values))
+    datas = [p.data for p in params]
+    run.step(gradients(2, np.float32)[1])
+    assert all(p.data is d for p, d in zip(params, datas))       # updated in place
 
 
 @pytest.mark.parametrize("dtype, rtol", TOLERANCES)
 def test_flat_steps_on_cupy_match_the_loops_on_numpy(dtype, rtol):
     grads = gradients(5, dtype)
     gpu, cpu = Run(make_params(dtype, "cuda")), Run(make_params(dtype, "cpu"))
-    assert gpu.opt.flat and not cpu.opt.flat
     for step_grads in grads:
         gpu.step(step_grads)
         cpu.step(step_grads)
+    assert_views_of_one_buffer([p.data for p in gpu.params])
+    assert all(p.data.base is None for p in cpu.params)          # NumPy: the loops, arrays left alone
     np.testing.assert_allclose(gpu.norms, cpu.norms, rtol=rtol)
     assert min(cpu.norms) > 1.0                                  # every step clipped
     assert_close(gpu.arrays(), cpu.arrays(), 10 * rtol)
@@ -99,10 +115,11 @@ def test_flat_and_loop_on_cupy_agree(dtype, rtol):
     grads = gradients(4, dtype)
     grads[1][2] = None                     # step 2 goes back to the loop in both
     flat, loop = Run(make_params(dtype, "cuda")), Run(make_params(dtype, "cuda"), flat=False)
-    assert flat.opt.flat and not loop.opt.flat and not loop.ema.flat
     for step_grads in grads:
         flat.step(step_grads)
         loop.step(step_grads)
+    assert_views_of_one_buffer(flat.opt.m)
+    assert all(m.base is None for m in loop.opt.m)
     assert_close(flat.arrays(), loop.arrays(), 10 * rtol)
 
 
@@ -138,7 +155,6 @@ def test_flat_unet_training_on_cupy_matches_numpy_and_its_state_loads_on_the_cpu
         return model, run
 
     (_, gpu), (cpu_model, cpu) = train("cuda"), train("cpu")
-    assert gpu.opt.flat
     assert_views_of_one_buffer([p.data for p in gpu.params])
     np.testing.assert_allclose(gpu.norms, cpu.norms, rtol=1e-10)
     assert_close(gpu.arrays(), cpu.arrays(), 1e-9)
