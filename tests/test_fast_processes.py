@@ -135,17 +135,30 @@ def test_a_second_backward_adds_to_the_gradients_as_an_unsplit_one_does():
         np.testing.assert_allclose(p.grad, 2 * g, rtol=1e-13)
 
 
-@pytest.mark.xfail(strict=True, reason="bug in fast/processes.py: each child keeps one pending graph "
-                                       "(SplitModel._serve's self.pending), so a second split call recorded "
-                                       "before backward() drops the first's, and the backward raises WorkerError "
-                                       "'backward without a forward of this slice'")
 def test_a_model_called_twice_in_one_graph_gives_the_unsplit_gradients():
     model, x, x2 = Affine(), affine_batch(seed=1), affine_batch(seed=2)
     whole = unsplit_gradients(model, lambda net: squares(net(x) * net(x2)))
     with SplitModel(model, processes=2) as net:
         squares(net(x) * net(x2)).backward()
-    for p, g in zip(model.parameters(), whole):
-        np.testing.assert_allclose(p.grad, g, rtol=1e-13)
+        for p, g in zip(model.parameters(), whole):
+            np.testing.assert_allclose(p.grad, g, rtol=1e-13)
+
+
+def test_the_children_are_told_to_forget_the_graphs_of_dropped_calls():
+    # A call's number goes on the release list once its graph op is gone (here: at once,
+    # since the output is not kept), and the next request takes the list to the children.
+    model, x = Affine(), affine_batch(seed=1)
+    with SplitModel(model, processes=2) as net:
+        for _ in range(5):
+            net(x)                                  # recorded, never backpropagated
+        assert net.released == [5], "calls 1-4 went out with the requests of calls 2-5"
+        kept = net(x)
+        assert net.released == [] and kept.shape == (x.shape[0], 2)
+        del kept
+        assert net.released == [6]
+        with autograd.no_grad():
+            net(x)
+        assert net.released == [], "a no-grad call takes the list along too"
 
 
 def test_an_optimizer_step_in_this_process_reaches_the_children():

@@ -54,6 +54,7 @@ import multiprocessing.util  # noqa: F401  (registers its exit handler before ou
 import os
 import signal
 import sys
+import weakref
 
 import numpy as np
 
@@ -277,6 +278,9 @@ class SplitModel(_Workers):
         self.params = model.parameters()
         self.shared = None            # the parameters' shared views while the block is open
         self.child_grads = None       # (children, n) shared array: child k's gradients in row k - 1
+        self.calls = 0                # graph-recording calls so far: each one's number names it
+        self.released = []            # calls whose graphs the children may drop (sent with the next request)
+        self.pending = {}             # in a child: call number -> its slice's output, graph attached
 
     def __enter__(self):
         if self.processes > 1 and _can_fork():
@@ -308,9 +312,15 @@ class SplitModel(_Workers):
         if not with_grad:
             return Tensor(self._forward(args, split, with_grad=False)[0])
         x = args[0] if isinstance(args[0], Tensor) else Tensor(args[0])
-        return _SplitCall(self, args, split)(x, *self.params)
+        self.calls += 1
+        return _SplitCall(self, args, split, self.calls)(x, *self.params)
 
-    def _forward(self, args, split, with_grad):
+    def _release(self, call):
+        """The graph op of `call` is gone (after its backward, or never used): the children
+        drop their part of its graph at their next request."""
+        self.released.append(call)
+
+    def _forward(self, args, split, with_grad, call=None):
         """(the whole batch's output array, this process's output Tensor of slice 0)."""
         arrays, bounds = split
         # With a graph to record (training), the children's dropout masks are seeded from
@@ -318,8 +328,10 @@ class SplitModel(_Workers):
         # run draws them again. Without (sampling, in eval mode), nothing is drawn here.
         seed = int(backend.global_rng(self.device).integers(2 ** 63)) if with_grad else None
         tensors = [isinstance(a, Tensor) for a in args]
+        released, self.released = self.released, []
         requests = {k: ([a[bounds[k]:bounds[k + 1]] for a in arrays],
-                        {"op": "forward", "grad": with_grad, "seed": seed, "tensors": tensors})
+                        {"op": "forward", "grad": with_grad, "seed": seed, "tensors": tensors,
+                         "call": call, "release": released})
                     for k in range(1, len(bounds) - 1)}
         own_args = [Tensor(a[:bounds[1]]) if t else a[:bounds[1]] for a, t in zip(arrays, tensors)]
         own, replies = self._exchange(requests, lambda: self.model(*own_args))
@@ -334,9 +346,9 @@ class SplitModel(_Workers):
             out[bounds[k]:bounds[k + 1]] = part
         return out, own
 
-    def _backward(self, grad, bounds, own):
+    def _backward(self, grad, bounds, own, call):
         """The parameters' gradients for dL/dy = grad of the whole batch, one per parameter."""
-        requests = {k: ([grad[bounds[k]:bounds[k + 1]]], {"op": "backward"})
+        requests = {k: ([grad[bounds[k]:bounds[k + 1]]], {"op": "backward", "call": call})
                     for k in range(1, len(bounds) - 1)}
 
         def own_work():
@@ -365,22 +377,24 @@ class SplitModel(_Workers):
         return grads
 
     def _serve(self, request, k):
-        """Child k: the forward of its slice (keeping its graph), or that graph's backward."""
+        """Child k: the forward of its slice (keeping its graph under the call's number), or the
+        backward of the graph of a call."""
         if request["op"] == "forward":
+            for call in request["release"]:
+                self.pending.pop(call, None)
             if request["seed"] is not None:
                 backend.seed_global_rng([request["seed"], k], self.device)
-            self.pending = None
             args = [Tensor(a) if t else a for a, t in zip(request["arrays"], request["tensors"])]
             if request["grad"]:
                 out = self.model(*args)
-                self.pending = out
+                self.pending[request["call"]] = out
             else:
                 with no_grad():
                     out = self.model(*args)
             return {}, [out.data]
-        out, self.pending = getattr(self, "pending", None), None
+        out = self.pending.pop(request["call"], None)
         if out is None:
-            raise RuntimeError("backward without a forward of this slice")
+            raise RuntimeError(f"backward of call {request['call']}, whose forward this slice did not keep")
         for p in self.params:
             p.grad = None
         out.backward(request["arrays"][0])
@@ -419,17 +433,23 @@ class SplitModel(_Workers):
 
 
 class _SplitCall(Function):
-    """One split call of a model as one op of the graph: inputs (x, *parameters)."""
+    """One split call of a model as one op of the graph: inputs (x, *parameters).
 
-    def __init__(self, split, args, slices):
-        self.split, self.args, self.slices = split, args, slices
+    Its number, `call`, names the children's parts of its graph, so that a
+    model called more than once in a graph gets each call's backward right.
+    """
+
+    def __init__(self, split, args, slices, call):
+        self.split, self.args, self.slices, self.call = split, args, slices, call
+        # However this op ends (backward done, or dropped unused), the children may then forget it.
+        weakref.finalize(self, split._release, call)
 
     def forward(self, x, *params):
-        out, self.own = self.split._forward(self.args, self.slices, with_grad=True)
+        out, self.own = self.split._forward(self.args, self.slices, with_grad=True, call=self.call)
         return out
 
     def backward(self, grad):
-        grads = self.split._backward(grad, self.slices[1], self.own)
+        grads = self.split._backward(grad, self.slices[1], self.own, self.call)
         self.own = None
         return (None,) + tuple(grads)
 
