@@ -207,6 +207,29 @@ class Dropout(Module):
         return F.dropout(x, self.p, self.training, rng)
 
 
+class Embedding(Module):
+    """A learned vector per id: ids (B,) of ints in [0, num_embeddings) -> weight[ids] (B, dim).
+
+    The lookup is indexing, so its backward adds each row's gradient into the
+    row it was read from (tensor.py's GetItem, with add.at for repeated ids).
+    Initialized N(0, 1), as PyTorch's.
+    """
+
+    def __init__(self, num_embeddings, dim, rng=None, dtype=np.float32):
+        rng, dtype = _init_rng(rng), np.dtype(dtype)
+        self.num_embeddings = num_embeddings
+        self.weight = Parameter(rng.standard_normal((num_embeddings, dim)).astype(dtype))
+
+    def forward(self, ids):
+        ids = ids.data if isinstance(ids, Tensor) else ids
+        if ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise ValueError(f"Embedding: expected an integer array of shape (B,), got {ids.dtype} {ids.shape}")
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
+            raise ValueError(f"Embedding: ids must lie in [0, {self.num_embeddings}), "
+                             f"got {int(ids.min())}..{int(ids.max())}")
+        return self.weight[ids]
+
+
 class SinusoidalEmbedding(Module):
     """Timestep t -> [sin(t f_0..f_{h-1}), cos(t f_0..f_{h-1})], h = dim / 2,
     with f_i = exp(-ln(10000) i / (h - 1)) (Vaswani et al. 2017, as in DDPM's code).

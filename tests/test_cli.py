@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from helpers import skip_unless_ci
 from PIL import Image
 
 import tinyddpm
@@ -30,7 +32,7 @@ def cache_env(tmp_path_factory):
         try:
             load_mnist("train")
         except Exception as exc:
-            pytest.skip(f"MNIST is not available: {exc}")
+            skip_unless_ci(f"MNIST is not available: {exc}")
     return env
 
 
@@ -93,6 +95,49 @@ def test_samples_are_determined_by_the_seed_and_the_weights(micro_checkpoint, tm
     assert not np.array_equal(first, draw(micro_checkpoint, tmp_path / "c.npz", "--seed", "1", *ddim))
     assert not np.array_equal(first, draw(micro_checkpoint, tmp_path / "d.npz", "--seed", "0", "--no-ema", *ddim))
     assert not np.array_equal(first, draw(micro_checkpoint, tmp_path / "e.npz", "--seed", "0"))
+
+
+@pytest.fixture
+def conditional_checkpoint(micro_checkpoint):
+    """A class-conditional checkpoint of the same micro model, 2 steps into training."""
+    run = micro_checkpoint.parent.parent / "conditional"
+    assert main(["train", "--preset", "micro", "--steps", "2", "--batch-size", "2", "--out", str(run),
+                 "--class-cond", "--sample-n", "2", "--sample-steps", "1"]) == 0
+    return run / "checkpoint.npz"
+
+
+def test_sample_all_labels_stores_the_digits_asked_for_in_order(conditional_checkpoint, tmp_path):
+    out = tmp_path / "s.npz"
+    assert main(["sample", str(conditional_checkpoint), "--n", "12", "--steps", "2", "--label", "all",
+                 "--guidance", "2", "--npz", str(out)]) == 0
+    with np.load(out) as npz:
+        assert npz["samples"].shape == (12, 1, 28, 28)
+        assert npz["labels"].tolist() == [0, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert main(["sample", str(conditional_checkpoint), "--n", "2", "--steps", "2", "--npz", str(out)]) == 0
+    with np.load(out) as npz:
+        assert "labels" not in npz.files                  # no label asked: the unconditional model
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--label", "10"], "--label must be a digit 0..9 or 'all', got '10'"),
+    (["--label", "x"], "--label must be a digit 0..9 or 'all', got 'x'"),
+    (["--label", "3", "--guidance", "-1"], "--guidance must be a finite number >= 0, got -1.0"),
+    (["--label", "3", "--guidance", "nan"], "--guidance must be a finite number >= 0, got nan"),
+    (["--guidance", "2"], "--guidance needs --label"),
+])
+def test_sample_refuses_bad_labels_and_guidance_in_one_line(conditional_checkpoint, tmp_path, capsys, options,
+                                                             message):
+    out = tmp_path / "s.npz"
+    assert main(["sample", str(conditional_checkpoint), "--npz", str(out), *options]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_sample_refuses_a_label_for_an_unconditional_checkpoint(micro_checkpoint, tmp_path, capsys):
+    out = tmp_path / "s.npz"
+    assert main(["sample", str(micro_checkpoint), "--label", "4", "--npz", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds an unconditional model" in err and err.count("\n") == 1 and not out.exists()
 
 
 def test_sample_refuses_more_steps_than_the_checkpoint_has(micro_checkpoint, capsys):

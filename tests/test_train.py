@@ -13,6 +13,8 @@ import signal
 import numpy as np
 import pytest
 
+from helpers import skip_unless_ci
+
 from tinyddpm import train as train_module
 from tinyddpm import unet
 from tinyddpm.cli import main
@@ -33,7 +35,7 @@ def mnist(tmp_path_factory):
     try:
         load_mnist("train")
     except Exception as exc:
-        pytest.skip(f"MNIST is not available: {exc}")
+        skip_unless_ci(f"MNIST is not available: {exc}")
     yield
     if previous is None:
         del os.environ["XDG_CACHE_HOME"]
@@ -115,17 +117,46 @@ def test_resume_takes_the_configuration_from_the_checkpoint(one_go, tmp_path):
     assert (config.preset, config.batch_size, config.seed, config.steps) == ("micro", 3, 7, STEPS + 1)
 
 
+def stream_of(n_images, seed):
+    images = np.arange(n_images)[:, None]
+    return BatchStream(images, 100 + np.arange(n_images), 2, np.random.default_rng(seed))
+
+
+def batch_ids(stream, n):
+    batches = [stream.next() for _ in range(n)]
+    for images, labels in batches:
+        assert (labels == 100 + images.ravel()).all(), "each image must come with its own label"
+    return [images.ravel().tolist() for images, _ in batches]
+
+
 def test_batch_stream_resumes_mid_epoch_and_at_epoch_boundaries():
-    images = np.arange(7)[:, None]                        # 3 batches of 2 per epoch, 1 image left over
-    reference = BatchStream(images, 2, np.random.default_rng(0))
-    expected = [reference.next().ravel().tolist() for _ in range(10)]
+    expected = batch_ids(stream_of(7, 0), 10)                # 3 batches of 2 per epoch, 1 image left over
     for taken in range(10):
-        stream = BatchStream(images, 2, np.random.default_rng(0))
-        for _ in range(taken):
-            stream.next()
-        resumed = BatchStream(images, 2, np.random.default_rng(123))
+        stream = stream_of(7, 0)
+        batch_ids(stream, taken)
+        resumed = stream_of(7, 123)
         resumed.seek(stream.state())
-        assert [resumed.next().ravel().tolist() for _ in range(10 - taken)] == expected[taken:]
+        assert batch_ids(resumed, 10 - taken) == expected[taken:]
+
+
+def test_batch_stream_draws_the_orders_of_iterate_batches():
+    # The order of earlier versions, which drew from data.iterate_batches: old runs resume the same.
+    from tinyddpm.data import iterate_batches
+    old = iterate_batches(np.arange(7)[:, None], 2, np.random.default_rng(5))
+    assert batch_ids(stream_of(7, 5), 9) == [next(old).ravel().tolist() for _ in range(9)]
+
+
+@pytest.mark.parametrize("state", [{"epoch_start": None, "batches_taken": 10 ** 12},
+                                   {"epoch_start": None, "batches_taken": -1},
+                                   {"epoch_start": None, "batches_taken": 1.5},
+                                   {"epoch_start": {"bit_generator": "nope"}, "batches_taken": 0},
+                                   {"batches_taken": 0}, {}])
+def test_a_damaged_data_state_is_refused_at_once(state):
+    stream = stream_of(7, 0)
+    if state.get("epoch_start", 0) is None:
+        state = dict(state, epoch_start=stream.state()["epoch_start"])
+    with pytest.raises(train_module.RunError, match="data order's state is damaged"):
+        stream.seek(state)
 
 
 def test_learning_rate_warms_up_linearly():
@@ -171,8 +202,8 @@ def patch_loss(monkeypatch, at_call, action):
     """Wrap GaussianDiffusion.loss so that `action(loss)` replaces the loss of call number `at_call`."""
     original, calls = GaussianDiffusion.loss, []
 
-    def loss(self, model, x0, rng):
-        value = original(self, model, x0, rng)
+    def loss(self, model, x0, rng, **options):
+        value = original(self, model, x0, rng, **options)
         calls.append(1)
         return action(value) if len(calls) == at_call else value
 
@@ -242,3 +273,28 @@ def test_a_new_run_does_not_overwrite_an_existing_one(one_go, capsys):
     assert run(one_go) == 2
     assert "add --resume" in capsys.readouterr().err
     assert (one_go / "checkpoint.npz").read_bytes() == before
+
+
+# =============================================================================
+# Class-conditional runs
+# =============================================================================
+
+def test_a_class_conditional_run_resumes_bit_identically_and_keeps_its_mode(tmp_path):
+    full, half = tmp_path / "full", tmp_path / "half"
+    assert run(full, "--class-cond") == 0
+    assert run(half, "--class-cond", steps=STEPS // 2) == 0
+    assert run(half, "--resume") == 0                       # no --class-cond: the checkpoint says so
+    assert_identical(full / "checkpoint.npz", half / "checkpoint.npz")
+    assert '"class_cond": true' in (half / "config.json").read_text()
+
+
+def test_training_with_p_uncond_1_never_shows_the_model_a_digit(tmp_path):
+    """p_uncond = 1: every label is the null one, so the run is the unconditional model's
+    (the digits' rows of the label embedding never receive a gradient)."""
+    assert run(tmp_path, "--class-cond", "--p-uncond", "1", "--ema-decay", "0") == 0
+    weights = arrays(tmp_path / "checkpoint.npz")
+    trained = weights["model/label_emb.weight"]
+    initial = train_module.build_model(TrainConfig(preset="micro", class_cond=True, seed=7), seed=7)
+    start = initial.label_emb.weight.data
+    np.testing.assert_array_equal(trained[:10], start[:10])
+    assert not np.array_equal(trained[10], start[10])

@@ -14,6 +14,7 @@ module prints; the library reports through return values and exceptions.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -74,6 +75,8 @@ TRAIN_OPTIONS = [
     ("--min-snr-gamma", "min_snr_gamma", float, f"gamma of --loss-weight min-snr (default {_D.min_snr_gamma})"),
     ("--variance", "variance", str,
      f"sigma_t^2 of the reverse steps: beta (the paper's) or posterior (beta-tilde) (default {_per_device('variance')})"),
+    ("--p-uncond", "p_uncond", float,
+     f"with --class-cond: how often a label is replaced by the null label (default {_D.p_uncond})"),
     ("--timesteps", "T", int, f"diffusion steps T (default {_D.T})"),
     ("--schedule", "schedule", str, f"noise schedule: linear or cosine (default {_D.schedule})"),
     ("--seed", "seed", int, f"seed of every random draw (default {_D.seed})"),
@@ -89,7 +92,8 @@ TRAIN_OPTIONS = [
     ("--sample-steps", "sample_steps", int,
      f"respaced reverse steps of the previews (default {_per_device('sample_steps')})"),
 ]
-FLAG_OF = {field: flag for flag, field, _, _ in TRAIN_OPTIONS} | {"cache": "--no-cache"}
+FLAG_OF = {field: flag for flag, field, _, _ in TRAIN_OPTIONS} | {"cache": "--no-cache",
+                                                                  "class_cond": "--class-cond"}
 
 
 def add_train_arguments(parser):
@@ -97,6 +101,9 @@ def add_train_arguments(parser):
         parser.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
     parser.add_argument("--no-cache", dest="cache", action="store_const", const=False, default=None,
                         help="do not read or write the decoded-MNIST cache")
+    parser.add_argument("--class-cond", dest="class_cond", action="store_const", const=True, default=None,
+                        help="train eps(x_t, t, y) with the digit y, for `sample --label` and "
+                             "classifier-free guidance (Ho & Salimans 2022)")
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="run directory (default: a new runs/<date>-<time>)")
     parser.add_argument("--resume", action="store_true",
@@ -135,6 +142,13 @@ def add_sample_arguments(parser):
     parser.add_argument("--variance", choices=("beta", "posterior"), default=None,
                         help="sigma_t^2 of the ancestral steps: beta (the paper's) or posterior "
                              "(beta-tilde) (default: the checkpoint's)")
+    parser.add_argument("--label", default=None, metavar="K|all",
+                        help="class-conditional checkpoints: draw the digit K (0-9), or 'all' for the "
+                             "ten digits as evenly as --n allows, in order (default: no label)")
+    parser.add_argument("--guidance", type=float, default=0.0, metavar="W",
+                        help="classifier-free guidance with --label: eps = (1 + W) eps(x, t, y) - W eps(x, t, "
+                             "null); 0 is the plain conditional model (default 0). Costs one call on a "
+                             "doubled batch per step")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default 0)")
     parser.add_argument("--batch-size", type=int, default=None, help="samples per network call (default 256)")
     parser.add_argument("--out", metavar="GRID.png", default=None,
@@ -162,6 +176,14 @@ def _check_sample_args(args):
         fail("--eta applies to --sampler ddim only")
     if args.eta is not None and args.eta < 0:
         fail(f"--eta must be >= 0, got {args.eta}")
+    if args.label is not None and args.label != "all":
+        if not (args.label.isdigit() and 0 <= int(args.label) <= 9):
+            fail(f"--label must be a digit 0..9 or 'all', got {args.label!r}")
+        args.label = int(args.label)
+    if not (math.isfinite(args.guidance) and args.guidance >= 0):
+        fail(f"--guidance must be a finite number >= 0, got {args.guidance}")
+    if args.guidance and args.label is None:
+        fail("--guidance needs --label: it pushes the samples towards the label asked for")
     if args.out is None and args.npz is None:
         args.out = "samples.png"
     for flag, path, suffixes in (("--out", args.out, (".png",)), ("--npz", args.npz, (".npz",)),
@@ -196,7 +218,8 @@ def run_sample(args):
         result = sample_checkpoint(args.checkpoint, args.n, steps=args.steps, sampler=args.sampler,
                                    eta=args.eta or 0.0, seed=args.seed, batch_size=args.batch_size,
                                    use_ema=args.ema, device=args.device, progress=progress,
-                                   trajectory=trajectory, variance=args.variance)
+                                   trajectory=trajectory, variance=args.variance, label=args.label,
+                                   guidance=args.guidance)
     except SampleError as exc:
         # sample_checkpoint checks what only the checkpoint can tell (e.g. --steps against T).
         raise UsageError(f"tinyddpm sample: error: {exc}") from None
@@ -205,15 +228,17 @@ def run_sample(args):
             bar.close()
     written = []
     for path, write in ((args.out, lambda p: save_grid(result.images, p)),
-                        (args.npz, lambda p: np.savez(p, samples=result.images)),
+                        (args.npz, lambda p: np.savez(p, samples=result.images,
+                                                      **({} if result.labels is None else {"labels": result.labels}))),
                         (args.trajectory, lambda p: save_trajectory(result.trajectory, p))):
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             write(path)
             written.append(str(path))
     weights = "EMA" if args.ema else "raw"
+    asked = "" if args.label is None else f", label {args.label} with guidance {args.guidance:g}"
     print(f"wrote {', '.join(written)}: {args.n} samples, {args.sampler} with {result.steps} steps, "
-          f"{weights} weights of step {result.step}")
+          f"{weights} weights of step {result.step}{asked}")
     return 0
 
 

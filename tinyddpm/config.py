@@ -75,6 +75,10 @@ class TrainConfig:
     preset: str = DEVICE_DEFAULTS["cpu"]["preset"]    # a key of tinyddpm.unet.PRESETS
     image_size: int = 28           # MNIST digits; recorded so a checkpoint says what it samples
 
+    # ---- class-conditional model (Ho & Salimans 2022) -------------------
+    class_cond: bool = False       # eps_theta(x_t, t, y) with the digit y; guidance at sampling
+    p_uncond: float = 0.1          # how often training replaces y by the null label
+
     # ---- diffusion (paper, section 4) -----------------------------------
     T: int = 1000                  # number of noising steps
     schedule: str = "linear"       # betas rising linearly from beta_start to beta_end...
@@ -144,6 +148,10 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 raise ConfigError(name, f"unknown value {getattr(self, name)!r}; choose one of "
                                         f"{', '.join(choices)}")
+        if not isinstance(self.class_cond, bool):
+            raise ConfigError("class_cond", f"must be true or false, got {self.class_cond!r}")
+        if not 0 <= self.p_uncond <= 1:
+            raise ConfigError("p_uncond", f"must be in [0, 1], got {self.p_uncond}")
         if not self.min_snr_gamma > 0:
             raise ConfigError("min_snr_gamma", f"must be > 0, got {self.min_snr_gamma}")
         for name in ("image_size", "T", "steps", "batch_size", "sample_n"):

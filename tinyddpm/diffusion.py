@@ -157,16 +157,18 @@ class GaussianDiffusion:
     # Training (Algorithm 1)
     # =========================================================================
 
-    def model_eps(self, model, x_t, t):
-        """model(x_t, t) as a Tensor; the model sees the original chain's timesteps, timestep_map[t]."""
+    def model_eps(self, model, x_t, t, labels=None):
+        """model(x_t, t) (or model(x_t, t, labels)) as a Tensor; the model sees the original
+        chain's timesteps, timestep_map[t]."""
         x = x_t if isinstance(x_t, Tensor) else Tensor(x_t)
-        out = model(x, backend.to_device(take(self.timestep_map, t), x.device))
+        steps = backend.to_device(take(self.timestep_map, t), x.device)
+        out = model(x, steps) if labels is None else model(x, steps, labels)
         if not isinstance(out, Tensor) or out.shape != x.shape:
             raise ValueError(f"the model must return a Tensor of the input's shape {tuple(x.shape)}, "
                              f"got {type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
         return out
 
-    def loss(self, model, x0, rng, min_snr_gamma=None):
+    def loss(self, model, x0, rng, min_snr_gamma=None, labels=None):
         """The simple loss of eq. 14 for one batch, as in Algorithm 1.
 
         x0: (B, ...) float32 or float64 array (or Tensor) of data in [-1, 1].
@@ -182,12 +184,13 @@ class GaussianDiffusion:
             Diffusion Training via Min-SNR Weighting Strategy", for an
             eps-prediction model): the nearly clean steps, where predicting the
             noise is hardest and matters least for the samples, count less.
+        labels: for a class-conditional model, its labels y (B,): eps_theta(x_t, t, y).
         """
         x0 = _array(x0)
         t = rng.integers(0, self.T, size=x0.shape[0])                  # t ~ Uniform({1, ..., T})
         noise = rng.standard_normal(x0.shape, dtype=x0.dtype)          # eps ~ N(0, I)
         x_t = self.q_sample(x0, t, noise)                              # eq. 4
-        eps = self.model_eps(model, x_t, t)
+        eps = self.model_eps(model, x_t, t, labels)
         if min_snr_gamma is None:
             return F.mse_loss(eps, Tensor(noise))                      # eq. 14
         snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)

@@ -20,12 +20,14 @@ process to float32 rounding).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from autograd import backend, nn
 from tinyddpm.checkpoint import load_checkpoint
+from tinyddpm.guidance import NULL_LABEL, NUM_DIGITS, Guided, balanced_labels
 from tinyddpm.train import build_diffusion, build_model
 
 SAMPLERS = ("ancestral", "ddim")
@@ -45,6 +47,7 @@ class Sampled:
     trajectory: list | None        # [(t, x_t (k, 1, 28, 28) host array)], x_T first, when asked for
     step: int                      # the training step of the checkpoint
     steps: int                     # reverse steps taken per sample
+    labels: np.ndarray | None = None   # (N,) the digit asked for each sample, when one was
 
 
 def load_model(checkpoint_path, use_ema=True, device="cpu", variance=None):
@@ -63,7 +66,7 @@ def load_model(checkpoint_path, use_ema=True, device="cpu", variance=None):
 
 def sample_checkpoint(checkpoint_path, n, steps=None, sampler="ancestral", eta=0.0, seed=0,
                       batch_size=None, use_ema=True, device="cpu", progress=None, trajectory=None,
-                      variance=None):
+                      variance=None, label=None, guidance=0.0):
     """Draw n samples from a checkpoint; returns a `Sampled`.
 
     steps: reverse steps (respaced); default all T for ancestral, 50 for DDIM.
@@ -74,6 +77,10 @@ def sample_checkpoint(checkpoint_path, n, steps=None, sampler="ancestral", eta=0
         at evenly spaced times (10 for a strip, 50 for a GIF).
     variance: the ancestral steps' sigma_t^2, "beta" or "posterior" (default:
         the checkpoint's).
+    label: for a class-conditional checkpoint, the digit to draw (0..9), or
+        "all" for the ten digits as evenly as n allows, sorted; None draws
+        from the unconditional model (the null label). guidance: w of
+        classifier-free guidance (tinyddpm/guidance.py), with a label.
     The result depends only on the checkpoint, the arguments and `seed` (and,
     to float32 rounding, on how many processes share each network call: the
     kernels' thread count, see the module doc).
@@ -84,7 +91,15 @@ def sample_checkpoint(checkpoint_path, n, steps=None, sampler="ancestral", eta=0
         raise SampleError(f"n must be >= 1, got {n}")
     if variance not in (None, "beta", "posterior"):
         raise SampleError(f"unknown variance {variance!r}; choose beta or posterior")
+    labels = _labels(label, n)
+    if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
+        raise SampleError(f"guidance must be a finite number >= 0, got {guidance}")
     model, diffusion, checkpoint = load_model(checkpoint_path, use_ema, device, variance)
+    if labels is not None and not checkpoint.config.class_cond:
+        raise SampleError(f"{checkpoint_path} holds an unconditional model: it cannot be asked for "
+                          "a label (train one with tinyddpm train --class-cond)")
+    if checkpoint.config.class_cond and labels is None:
+        labels = np.full(n, NULL_LABEL)          # no label asked for: the unconditional model
     if steps is None:
         steps = diffusion.T if sampler == "ancestral" else min(DDIM_DEFAULT_STEPS, diffusion.T)
     if not 1 <= steps <= diffusion.T:
@@ -99,15 +114,31 @@ def sample_checkpoint(checkpoint_path, n, steps=None, sampler="ancestral", eta=0
     with nn.batch_parallel(model) as net:
         for start in range(0, n, batch_size):
             shape = (min(batch_size, n - start), 1, size, size)
+            eps_model = net
+            if labels is not None:
+                eps_model = Guided(net, backend.to_device(labels[start:start + shape[0]], device),
+                                   guidance if label is not None else 0.0)
             snapshots = TRAJECTORY_SNAPSHOTS[trajectory] if trajectory and start == 0 else False
             if sampler == "ancestral":
-                out = diffusion.sample(net, shape, rng, steps=steps, progress=progress,
+                out = diffusion.sample(eps_model, shape, rng, steps=steps, progress=progress,
                                        return_trajectory=snapshots)
             else:
-                out = diffusion.ddim_sample(net, shape, rng, steps=steps, eta=eta, progress=progress,
+                out = diffusion.ddim_sample(eps_model, shape, rng, steps=steps, eta=eta, progress=progress,
                                             return_trajectory=snapshots)
             if snapshots:
                 out, path = out
                 kept = [(t, backend.to_numpy(x[:TRAJECTORY_SAMPLES])) for t, x in path]
             chunks.append(backend.to_numpy(out).astype(np.float32))
-    return Sampled(np.concatenate(chunks), kept, checkpoint.step, steps)
+    asked = None if label is None else labels
+    return Sampled(np.concatenate(chunks), kept, checkpoint.step, steps, asked)
+
+
+def _labels(label, n):
+    """The label of each of n samples (int array), or None for no label."""
+    if label is None:
+        return None
+    if label == "all":
+        return balanced_labels(n)
+    if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 <= label < NUM_DIGITS:
+        raise SampleError(f"label must be a digit 0..9 or 'all', got {label!r}")
+    return np.full(n, int(label))

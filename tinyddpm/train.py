@@ -59,7 +59,8 @@ from autograd.optim import EMA, Adam, clip_grad_norm
 from tinyddpm import schedule
 from tinyddpm.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from tinyddpm.config import TrainConfig
-from tinyddpm.data import iterate_batches, load_mnist
+from tinyddpm.data import load_mnist
+from tinyddpm.guidance import NUM_DIGITS, Guided, balanced_labels, drop_labels
 from tinyddpm.diffusion import GaussianDiffusion
 from tinyddpm.images import save_grid
 from tinyddpm.unet import UNet
@@ -68,6 +69,9 @@ CHECKPOINT = "checkpoint.npz"
 CONFIG = "config.json"
 METRICS = "metrics.csv"
 METRICS_FIELDS = ("step", "loss", "lr", "grad_norm", "images_per_s", "elapsed_s")
+
+# A class-conditional run's previews: the plain conditional model (no guidance).
+PREVIEW_GUIDANCE = 0.0
 
 # One independent random stream per purpose, all derived from the run's seed.
 INIT_STREAM, DATA_STREAM, NOISE_STREAM, PREVIEW_STREAM, DROPOUT_STREAM = range(5)
@@ -82,8 +86,10 @@ class RunError(Exception):
 # =============================================================================
 
 def build_model(config, seed=0):
-    """The UNet of `config.preset`, initialized from `seed`, on the host."""
-    return UNet(**config.unet_kwargs(), rng=np.random.default_rng([seed, INIT_STREAM]))
+    """The UNet of `config.preset` (class-conditional with config.class_cond), initialized
+    from `seed`, on the host."""
+    return UNet(**config.unet_kwargs(), num_classes=NUM_DIGITS if config.class_cond else None,
+                rng=np.random.default_rng([seed, INIT_STREAM]))
 
 
 def build_diffusion(config):
@@ -146,6 +152,7 @@ class Plan:
     config: TrainConfig
     out_dir: Path
     images: np.ndarray                  # the training set, (N, 1, 28, 28) in [-1, 1]
+    labels: np.ndarray                  # its digits, (N,) int
     checkpoint: Checkpoint | None       # what --resume continues from
 
     @property
@@ -188,10 +195,10 @@ def prepare_run(options, out_dir, resume=False):
         reason = backend.cuda_unavailable_reason()
         if reason is not None:
             raise RunError(f"--device cuda: {reason}")
-    images, _ = load_mnist("train", data_dir=config.data_dir, cache=config.cache)
+    images, labels = load_mnist("train", data_dir=config.data_dir, cache=config.cache)
     if config.batch_size > len(images):
         raise RunError(f"--batch-size {config.batch_size} is larger than the {len(images)} training images")
-    return Plan(config, out_dir, images, checkpoint)
+    return Plan(config, out_dir, images, labels, checkpoint)
 
 
 # =============================================================================
@@ -199,16 +206,18 @@ def prepare_run(options, out_dir, resume=False):
 # =============================================================================
 
 class BatchStream:
-    """Training batches in a seeded random order (tinyddpm.data.iterate_batches), resumable.
+    """Training batches (images, labels) in a seeded random order, resumable.
 
-    A checkpoint cannot hold a Python generator's position, so the stream
-    keeps the generator's state at the start of the current epoch and how
-    many batches of the epoch it has handed out; from these two, `seek`
-    redraws the same permutation and skips the batches already used.
+    Each epoch is a permutation drawn from `rng`, cut into batches of
+    `batch_size` (the last partial batch dropped), as
+    tinyddpm.data.iterate_batches does. A checkpoint stores the generator's
+    state at the start of the current epoch and how many batches of the
+    epoch were handed out; from these two, `seek` draws the same permutation
+    again and goes on from the next batch.
     """
 
-    def __init__(self, images, batch_size, rng):
-        self.images, self.batch_size, self.rng = images, batch_size, rng
+    def __init__(self, images, labels, batch_size, rng):
+        self.images, self.labels, self.batch_size, self.rng = images, labels, batch_size, rng
         self.per_epoch = len(images) // batch_size
         self.seek({"epoch_start": rng.bit_generator.state, "batches_taken": 0})
 
@@ -216,19 +225,24 @@ class BatchStream:
         return {"epoch_start": self.epoch_start, "batches_taken": self.taken}
 
     def seek(self, state):
-        self.rng.bit_generator.state = state["epoch_start"]
-        self.epoch_start, self.taken = state["epoch_start"], 0
-        self._batches = iterate_batches(self.images, self.batch_size, self.rng)
-        while self.taken < state["batches_taken"]:
-            self.next()
+        taken = state.get("batches_taken") if isinstance(state, dict) else None
+        if isinstance(taken, bool) or not isinstance(taken, int) or not 0 <= taken <= self.per_epoch:
+            raise RunError(f"the data order's state is damaged: {taken!r} batches taken of an epoch "
+                           f"of {self.per_epoch}")
+        try:
+            self.rng.bit_generator.state = state["epoch_start"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RunError(f"the data order's state is damaged ({exc})") from None
+        self.epoch_start, self.taken = state["epoch_start"], taken
+        self.order = self.rng.permutation(len(self.images))
 
     def next(self):
         if self.taken == self.per_epoch:
-            # iterate_batches draws the next epoch's permutation inside this
-            # next() call; remember the generator's state just before it does.
             self.epoch_start, self.taken = self.rng.bit_generator.state, 0
+            self.order = self.rng.permutation(len(self.images))
+        batch = self.order[self.taken * self.batch_size:(self.taken + 1) * self.batch_size]
         self.taken += 1
-        return next(self._batches)
+        return self.images[batch], self.labels[batch]
 
 
 def _derived_seed(seed, stream, step):
@@ -398,7 +412,8 @@ def train(plan, reporter=None):
     optimizer = Adam(params, lr=config.lr)
     ema = EMA(params, decay=config.ema_decay)
     diffusion = build_diffusion(config)
-    batches = BatchStream(plan.images, config.batch_size, np.random.default_rng([config.seed, DATA_STREAM]))
+    batches = BatchStream(plan.images, plan.labels, config.batch_size,
+                          np.random.default_rng([config.seed, DATA_STREAM]))
     stored_rng = None
     if plan.checkpoint is not None:
         plan.checkpoint.load_into(model, ema, optimizer)
@@ -433,10 +448,14 @@ def train(plan, reporter=None):
                 began = time.perf_counter()
                 # Algorithm 1: x_0 from the data; the loss draws t and eps and returns
                 # || eps - eps_theta(sqrt(a_bar_t) x_0 + sqrt(1 - a_bar_t) eps, t) ||^2.
-                x0 = backend.to_device(batches.next(), device)           # the one transfer of the step
+                images, digits = batches.next()
+                x0 = backend.to_device(images, device)                  # the one transfer of the step
+                labels = None
+                if config.class_cond:       # with probability p_uncond, "no label": the null label
+                    labels = drop_labels(backend.to_device(digits, device), config.p_uncond, noise_rng)
                 optimizer.lr = learning_rate(config, step + 1)
                 optimizer.zero_grad()
-                loss = diffusion.loss(net, x0, noise_rng, **loss_weighting(config))
+                loss = diffusion.loss(net, x0, noise_rng, labels=labels, **loss_weighting(config))
                 loss.backward()
                 # Reading the loss on the host waits for the GPU. Read only once the backward is
                 # queued, so the device never idles while Python queues it; a NaN has then made
@@ -529,6 +548,9 @@ class _Previewer:
         shape = (config.sample_n, 1, config.image_size, config.image_size)
         try:
             with nn.batch_parallel(self.model) as net:
+                if config.class_cond:        # the digits in order, one row after another
+                    labels = backend.to_device(balanced_labels(config.sample_n), config.device)
+                    net = Guided(net, labels, PREVIEW_GUIDANCE)
                 x = self.diffusion.sample(net, shape, rng, steps=config.sample_steps, progress=check_stop)
         except _PreviewAborted:
             self.reporter.note(f"preview at step {step} skipped (stop requested)")

@@ -76,10 +76,15 @@ class AttnBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x, t) for x (B, C, H, W) and integer timesteps t (B,), 0-based."""
+    """eps_theta(x, t) for x (B, C, H, W) and integer timesteps t (B,), 0-based.
+
+    With num_classes, eps_theta(x, t, y) for labels y (B,) in 0..num_classes,
+    where y = num_classes is the null label, "no class" (see `forward`).
+    """
 
     def __init__(self, in_channels=1, image_size=28, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2,
-                 attn_resolutions=(14,), dropout=0.1, num_groups=32, rng=None, dtype=np.float32):
+                 attn_resolutions=(14,), dropout=0.1, num_groups=32, num_classes=None, rng=None,
+                 dtype=np.float32):
         if image_size % 2 ** (len(ch_mult) - 1):
             raise ValueError(f"UNet: image_size {image_size} must be divisible by "
                              f"2^{len(ch_mult) - 1} for {len(ch_mult)} levels")
@@ -91,6 +96,9 @@ class UNet(nn.Module):
         self.temb = nn.SinusoidalEmbedding(ch, dtype=dtype)
         self.temb_dense0 = nn.Linear(ch, 4 * ch, rng=rng, dtype=dtype)
         self.temb_dense1 = nn.Linear(4 * ch, 4 * ch, rng=rng, dtype=dtype)
+        # Class-conditional: one learned vector per label, and one more for the null label.
+        self.num_classes = num_classes
+        self.label_emb = nn.Embedding(num_classes + 1, 4 * ch, rng=rng, dtype=dtype) if num_classes else None
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1, rng=rng, dtype=dtype)
 
         # Down: every output is kept as a skip for the up path.
@@ -129,7 +137,7 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNormSiLU(num_groups, cur, dtype=dtype)
         self.conv_out = _zero(nn.Conv2d(cur, in_channels, 3, padding=1, rng=rng, dtype=dtype))
 
-    def forward(self, x, t):
+    def forward(self, x, t, y=None):
         expected = (self.in_channels, self.image_size, self.image_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"UNet: expected input (B, {', '.join(map(str, expected))}), "
@@ -140,6 +148,15 @@ class UNet(nn.Module):
                              f"got {getattr(t, 'shape', type(t).__name__)}")
 
         temb = self.temb_dense1(F.silu(self.temb_dense0(self.temb(t))))   # (B, 4ch)
+        if self.label_emb is not None:
+            # Classifier-free guidance (Ho & Salimans 2022): the label's vector joins the
+            # time embedding, and so reaches every ResBlock the way t does.
+            if y is None or not hasattr(y, "shape") or tuple(y.shape) != (B,):
+                raise ValueError(f"UNet: a class-conditional model needs labels y of shape ({B},), "
+                                 f"got {getattr(y, 'shape', y)}")
+            temb = temb + self.label_emb(y)
+        elif y is not None:
+            raise ValueError("UNet: labels given to a model made without num_classes")
         hs = [self.conv_in(x)]
         for layer in self.down:
             if isinstance(layer, nn.Conv2d):                               # downsample by 2
