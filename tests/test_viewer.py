@@ -62,7 +62,7 @@ def test_alpha_bar_at_counts_t_from_one_with_alpha_bar_0_equal_to_one():
 def test_forward_frames_are_eq_4_with_one_noise_shared_by_all_t():
     digits = np.random.default_rng(1).uniform(-1, 1, size=(2, 28, 28))
     timesteps = np.array([1000, 700, 300, 50, 1, 0])
-    frames = viewer.forward_process_frames(digits, ALPHAS_CUMPROD, timesteps, seed=3)
+    frames = viewer.forward_process_frames(digits, viewer.alpha_bar_at(ALPHAS_CUMPROD, timesteps), seed=3)
     assert frames.shape == (6, 2, 28, 28) and frames.dtype == np.float32
     np.testing.assert_allclose(frames[-1], digits, atol=1e-6)         # t = 0 is x_0 itself
     # Solving eq. 4 for eps gives the same eps at every t > 0, and it looks standard normal.
@@ -70,6 +70,11 @@ def test_forward_frames_are_eq_4_with_one_noise_shared_by_all_t():
     eps = (frames[:-1] - np.sqrt(alpha_bar) * digits) / np.sqrt(1.0 - alpha_bar)
     np.testing.assert_allclose(eps, np.broadcast_to(eps[0], eps.shape), atol=1e-4)
     assert abs(eps[0].mean()) < 0.1 and abs(eps[0].std() - 1.0) < 0.1
+
+
+def test_forward_frames_refuse_an_alpha_bar_outside_0_1():
+    with pytest.raises(ViewerError, match="alpha_bar"):
+        viewer.forward_process_frames(np.zeros((28, 28)), np.array([0.5, 1.5]))
 
 
 def test_first_of_each_digit_picks_digits_in_order():
@@ -258,9 +263,9 @@ def test_page_loads_nothing_but_itself_and_its_data_uris(browser, tmp_path, chai
     urls = page.requested_urls()
     assert urls and urls[0] == (tmp_path / "view.html").resolve().as_uri()
     assert all(url.startswith("data:") for url in urls[1:]), urls
-    errors = page.evaluate("performance.getEntriesByType('resource').filter(e => !e.name.startsWith('data:'))"
+    fetched = page.evaluate("performance.getEntriesByType('resource').filter(e => !e.name.startsWith('data:'))"
                            ".map(e => e.name)")
-    assert errors == []
+    assert fetched == []
 
 
 def test_page_without_real_digits_says_so(browser, tmp_path, chain):

@@ -27,8 +27,9 @@ before anything is sampled, so the command line can refuse a request that
 could exceed MAX_BYTES (5 MB) at once.
 
     # xt, x0: (S, N, 28, 28) recorded by the sampler at the paper's t's (S,), ending in t = 0
-    write_viewer("view.html", xt, x0, t, alpha_bar_at(diffusion.alphas_cumprod, t), sigma,
-                 forward_frames=forward_process_frames(digits, diffusion.alphas_cumprod, t))
+    alpha_bar = alpha_bar_at(diffusion.alphas_cumprod, t)
+    write_viewer("view.html", xt, x0, t, alpha_bar, sigma,
+                 forward_frames=forward_process_frames(digits, alpha_bar))
 """
 from __future__ import annotations
 
@@ -79,19 +80,21 @@ def alpha_bar_at(alphas_cumprod, timesteps):
     return np.where(t == 0, 1.0, alphas_cumprod[np.maximum(t, 1) - 1])
 
 
-def forward_process_frames(x0, alphas_cumprod, timesteps, seed=0):
-    """Noise real images to each t: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (eq. 4).
+def forward_process_frames(x0, alpha_bar, seed=0):
+    """Noise real images to each frame's t: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (eq. 4).
 
-    x0: (k, H, W) or (H, W) in [-1, 1]; alphas_cumprod and timesteps as in
-    `alpha_bar_at` (the full chain's alphas_cumprod: a respaced diffusion keeps
-    only its own steps). Returns float32 (S, k, H, W).
+    x0: (k, H, W) or (H, W) in [-1, 1]; alpha_bar: (S,), the frames' alpha_bar_t
+    (see `alpha_bar_at`; 1 gives x_0 itself). Returns float32 (S, k, H, W).
     """
     x0 = np.asarray(x0, dtype=np.float64)
     if x0.ndim == 2:
         x0 = x0[None]
     if x0.ndim != 3:
         raise ViewerError(f"expected real images (k, H, W) or (H, W), got shape {x0.shape}")
-    alpha_bar = alpha_bar_at(alphas_cumprod, timesteps)[:, None, None, None]    # (S, 1, 1, 1)
+    alpha_bar = np.asarray(alpha_bar, dtype=np.float64)
+    if alpha_bar.ndim != 1 or not np.all((0 < alpha_bar) & (alpha_bar <= 1)):
+        raise ViewerError(f"alpha_bar must be a 1-D array of numbers in (0, 1], got shape {alpha_bar.shape}")
+    alpha_bar = alpha_bar[:, None, None, None]                                  # (S, 1, 1, 1)
     # One eps for all t: any x_t is still a draw from q(x_t | x_0), and the slider
     # then shows the same noise growing instead of a new pattern flickering each step.
     eps = np.random.default_rng(seed).standard_normal(x0.shape)
