@@ -12,19 +12,15 @@ import base64
 import io
 import os
 import re
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from chromium import Chromium, find_chromium
 from tinyddpm import viewer
 from tinyddpm.schedule import linear_betas
 from tinyddpm.viewer import ViewerError
-
-sys.path.insert(0, str(Path(__file__).parent))
-from chromium import Chromium, find_chromium  # noqa: E402
 
 ALPHAS_CUMPROD = np.cumprod(1.0 - linear_betas(1000))
 
