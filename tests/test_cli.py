@@ -1,7 +1,10 @@
 """Tests for the `tinyddpm` command line: a real train + sample run on MNIST
 through `python -m tinyddpm`, and every kind of user mistake ending in one
 line on stderr, a non-zero status and no traceback, before any work."""
+import json
+import math
 import os
+import re
 import subprocess
 import sys
 import types
@@ -242,3 +245,62 @@ def test_download_mnist_defaults_to_the_data_folder(monkeypatch, tmp_path, capsy
     assert main(["download-mnist", "--to", str(tmp_path / "elsewhere")]) == 0
     assert seen["to"] == tmp_path / "elsewhere"
     assert "train-images-idx3-ubyte.gz" in capsys.readouterr().out
+
+
+def test_info_describes_a_checkpoint_as_text_and_as_json(conditional_checkpoint, capsys):
+    assert main(["info", str(conditional_checkpoint)]) == 0
+    text = capsys.readouterr().out
+    assert "preset micro" in text and "conditional  yes" in text
+    assert main(["info", str(conditional_checkpoint), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["class_cond"] is True and info["step"] == 2 and info["ema"] and info["optimizer"]
+    assert info["parameters"] == sum(math.prod(s) for s in info_shapes(conditional_checkpoint))
+
+
+def info_shapes(path):
+    with np.load(path, allow_pickle=False) as npz:
+        return [npz[k].shape for k in npz.files if k.startswith("model/")]
+
+
+def test_info_refuses_what_is_not_a_checkpoint_in_one_line(tmp_path, capsys):
+    path = corrupt_checkpoint(tmp_path)
+    assert main(["info", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"tinyddpm info: error: {path}") and err.count("\n") == 1
+
+
+def test_sample_checks_its_output_paths_before_sampling(micro_checkpoint, tmp_path, capsys, monkeypatch):
+    import tinyddpm.sample as sample_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("sampling started before the outputs were checked")
+    monkeypatch.setattr(sample_module, "sample_checkpoint", never)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    (tmp_path / "folder.png").mkdir()
+    for option in (["--npz", str(blocker / "x.npz")], ["--out", str(tmp_path / "folder.png")],
+                   ["--viewer", str(blocker / "v.html")]):
+        assert main(["sample", str(micro_checkpoint), *option]) == 2
+        err = capsys.readouterr().err
+        assert "checked before sampling" in err and err.count("\n") == 1
+
+
+def test_sample_viewer_writes_one_page_of_every_reverse_step(conditional_checkpoint, tmp_path):
+    page = tmp_path / "view.html"
+    assert main(["sample", str(conditional_checkpoint), "--viewer", str(page), "--n", "3", "--steps", "4",
+                 "--label", "all"]) == 0
+    text = page.read_text()
+    data = json.loads(re.search(r'<script type="application/json" id="viewer-data">(.*?)</script>', text,
+                                re.S).group(1))
+    assert data["frames"] == 5 and data["samples"] == 3 and data["t"][0] == 1000 and data["t"][-1] == 0
+    assert data["sigma"][-1] == 0 and data["sigma"][-2] == 0 and data["sigma"][0] > 0
+    # Nothing to fetch: the only address in the page is the SVG namespace's name.
+    assert set(re.findall(r"https?://[^\"' )]+", text)) <= {"http://www.w3.org/2000/svg"}
+    assert "<script src" not in text and "<link" not in text and "fetch(" not in text
+    assert not (tmp_path / "samples.png").exists(), "--viewer alone writes the page only"
+
+
+def test_sample_viewer_refuses_a_page_over_5_mb_before_sampling(micro_checkpoint, tmp_path, capsys):
+    assert main(["sample", str(micro_checkpoint), "--viewer", str(tmp_path / "v.html"), "--n", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "over the 5 MB limit" in err and err.count("\n") == 1 and not (tmp_path / "v.html").exists()

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -132,9 +134,10 @@ def run_train(args):
 
 def add_sample_arguments(parser):
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint.npz written by tinyddpm train")
-    parser.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    parser.add_argument("--n", type=int, default=None, help="number of samples (default 64; 16 with --viewer)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="reverse steps, respaced (default: all T for ancestral, 50 for ddim)")
+                        help="reverse steps, respaced (default: all T for ancestral, 50 for ddim; "
+                             "100 for ancestral with --viewer)")
     parser.add_argument("--sampler", choices=("ancestral", "ddim"), default="ancestral",
                         help="DDPM's Algorithm 2, or DDIM (default ancestral)")
     parser.add_argument("--eta", type=float, default=None,
@@ -157,6 +160,11 @@ def add_sample_arguments(parser):
                         help="raw samples, float32 (N, 1, 28, 28) in [-1, 1], in the array 'samples'")
     parser.add_argument("--trajectory", metavar="FILE.png|.gif", default=None,
                         help="x_t of the first 8 samples across the reverse process: a strip or a GIF")
+    parser.add_argument("--viewer", metavar="VIEW.html", default=None,
+                        help="a web page to step through the reverse process: x_t beside the predicted x_0 "
+                             "at every step, and real digits noised to the same t's; it opens offline in "
+                             "any browser. 16 samples at 100 steps make a page of about 2-2.5 MB; requests "
+                             "whose page could pass 5 MB are refused")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                         help="use the EMA weights (default) or, with --no-ema, the raw ones")
     parser.add_argument("--device", choices=DEVICES, default="cpu", help="cpu or cuda (default cpu)")
@@ -166,6 +174,10 @@ def _check_sample_args(args):
     def fail(message):
         raise UsageError(f"tinyddpm sample: error: {message}")
 
+    if args.n is None:
+        args.n = VIEWER_SAMPLES if args.viewer is not None else 64
+    if args.viewer is not None and args.steps is None and args.sampler == "ancestral":
+        args.steps = VIEWER_STEPS
     if args.n < 1:
         fail(f"--n must be >= 1, got {args.n}")
     if args.steps is not None and args.steps < 1:
@@ -184,12 +196,26 @@ def _check_sample_args(args):
         fail(f"--guidance must be a finite number >= 0, got {args.guidance}")
     if args.guidance and args.label is None:
         fail("--guidance needs --label: it pushes the samples towards the label asked for")
-    if args.out is None and args.npz is None:
+    if args.out is None and args.npz is None and args.viewer is None:
         args.out = "samples.png"
     for flag, path, suffixes in (("--out", args.out, (".png",)), ("--npz", args.npz, (".npz",)),
-                                 ("--trajectory", args.trajectory, (".png", ".gif"))):
+                                 ("--trajectory", args.trajectory, (".png", ".gif")),
+                                 ("--viewer", args.viewer, (".html",))):
         if path is not None and Path(path).suffix.lower() not in suffixes:
             fail(f"{flag} must end in {' or '.join(suffixes)}, got {path}")
+    for flag in ("--out", "--npz", "--trajectory", "--viewer"):
+        path = getattr(args, flag[2:])
+        problem = path is not None and _unwritable(Path(path))
+        if problem:
+            fail(f"{flag} {path}: {problem} (checked before sampling, so that no work is lost)")
+    if args.viewer is not None:
+        from tinyddpm.viewer import ViewerError, check_viewer_size
+        batch = min(args.n, args.batch_size or 256)        # the page shows the first batch
+        steps = args.steps if args.steps is not None else (50 if args.sampler == "ddim" else VIEWER_STEPS)
+        try:
+            check_viewer_size(batch, steps)
+        except ViewerError as exc:
+            fail(f"--viewer: {exc}")
     if not Path(args.checkpoint).is_file():
         raise UsageError(f"tinyddpm sample: error: {args.checkpoint}: no such file")
     if args.device == "cuda":
@@ -197,6 +223,25 @@ def _check_sample_args(args):
         reason = backend.cuda_unavailable_reason()
         if reason is not None:
             fail(f"--device cuda: {reason}")
+
+
+def _unwritable(path):
+    """Why a file cannot be written at `path` (a sentence), or None when it can: its folder
+    is made if need be, and a scratch file written there and removed."""
+    if path.is_dir():
+        return "is a folder"
+    for folder in path.parents:
+        if folder.exists() and not folder.is_dir():
+            return f"{folder} is a file, not a folder"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tinyddpm-check-"):
+            pass
+        if path.exists() and not os.access(path, os.W_OK):
+            return "the file is not writable"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def run_sample(args):
@@ -209,28 +254,27 @@ def run_sample(args):
     trajectory = None
     if args.trajectory is not None:
         trajectory = "gif" if Path(args.trajectory).suffix.lower() == ".gif" else "strip"
-    bar, progress = None, None
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-        bar = tqdm(desc="sampling", unit="step", file=sys.stderr, dynamic_ncols=True)
-        progress = bar.update
+    # One unit per reverse step of each batch: steps x batches in all.
+    from tinyddpm.progress import progress_for
+    batches = -(-args.n // (args.batch_size or 256))
+    progress = progress_for(None if args.steps is None else args.steps * batches, "sampling")
     try:
         result = sample_checkpoint(args.checkpoint, args.n, steps=args.steps, sampler=args.sampler,
                                    eta=args.eta or 0.0, seed=args.seed, batch_size=args.batch_size,
                                    use_ema=args.ema, device=args.device, progress=progress,
                                    trajectory=trajectory, variance=args.variance, label=args.label,
-                                   guidance=args.guidance)
+                                   guidance=args.guidance, frames=args.viewer is not None)
     except SampleError as exc:
         # sample_checkpoint checks what only the checkpoint can tell (e.g. --steps against T).
         raise UsageError(f"tinyddpm sample: error: {exc}") from None
     finally:
-        if bar is not None:
-            bar.close()
+        progress.close()
     written = []
     for path, write in ((args.out, lambda p: save_grid(result.images, p)),
                         (args.npz, lambda p: np.savez(p, samples=result.images,
                                                       **({} if result.labels is None else {"labels": result.labels}))),
-                        (args.trajectory, lambda p: save_trajectory(result.trajectory, p))):
+                        (args.trajectory, lambda p: save_trajectory(result.trajectory, p)),
+                        (args.viewer, lambda p: _write_viewer(p, result, args))):
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             write(path)
@@ -239,6 +283,48 @@ def run_sample(args):
     asked = "" if args.label is None else f", label {args.label} with guidance {args.guidance:g}"
     print(f"wrote {', '.join(written)}: {args.n} samples, {args.sampler} with {result.steps} steps, "
           f"{weights} weights of step {result.step}{asked}")
+    return 0
+
+
+VIEWER_SAMPLES, VIEWER_STEPS = 16, 100      # tinyddpm/viewer.py's DEFAULT_SAMPLES and DEFAULT_STEPS
+
+
+def _write_viewer(path, result, args):
+    """The reverse-process page of a sampling run (tinyddpm/viewer.py), with real digits
+    noised at the same t's when MNIST is at hand."""
+    from tinyddpm.data import MNISTFormatError, MNISTNotFoundError, load_mnist
+    from tinyddpm.viewer import first_of_each_digit, forward_process_frames, write_viewer
+
+    frames = result.frames
+    try:
+        images, labels = load_mnist("test")
+        forward = forward_process_frames(first_of_each_digit(images, labels), frames["alpha_bar"])
+    except (MNISTNotFoundError, MNISTFormatError):
+        forward = None                      # the page says where the forward tab's digits would be
+    weights = "EMA" if args.ema else "raw"
+    meta = {"checkpoint": args.checkpoint, "training step": result.step, "weights": weights,
+            "sampler": f"{args.sampler}, {result.steps} steps", "seed": args.seed}
+    if args.label is not None:
+        meta["label"] = f"{args.label}, guidance {args.guidance:g}"
+    write_viewer(path, frames["xt"], frames["x0"], frames["t"], frames["alpha_bar"], frames["sigma"],
+                 forward_frames=forward, meta=meta)
+
+
+# =============================================================================
+# tinyddpm info
+# =============================================================================
+
+def add_info_arguments(parser):
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint.npz written by tinyddpm train")
+    parser.add_argument("--json", action="store_true", help="one JSON object instead of text")
+
+
+def run_info(args):
+    import json
+
+    from tinyddpm.info import checkpoint_info, format_info
+    info = checkpoint_info(args.checkpoint)
+    print(json.dumps(info, sort_keys=True) if args.json else format_info(info))
     return 0
 
 
@@ -269,6 +355,8 @@ def run_download(args):
 COMMANDS = {
     "train": (add_train_arguments, run_train, "train a DDPM on MNIST (Algorithm 1)"),
     "sample": (add_sample_arguments, run_sample, "draw digits from a checkpoint (Algorithm 2 or DDIM)"),
+    "info": (add_info_arguments, run_info,
+             "what a checkpoint holds: preset, parameters, steps, EMA, optimizer state, config"),
     "download-mnist": (add_download_arguments, run_download, "fetch the MNIST IDX files"),
 }
 

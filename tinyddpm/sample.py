@@ -48,6 +48,40 @@ class Sampled:
     step: int                      # the training step of the checkpoint
     steps: int                     # reverse steps taken per sample
     labels: np.ndarray | None = None   # (N,) the digit asked for each sample, when one was
+    frames: dict | None = None     # every reverse step of the first batch, for a viewer (see `Frames`)
+
+
+class Frames:
+    """A model wrapper that keeps, at every call of a sampler, x_t and the prediction made.
+
+    After the chain, `frames(diffusion, chain, sampler, eta, final)` turns them into what
+    tinyddpm/viewer.py shows: for each reverse step x_t, the predicted x_0 (eq. 15,
+    clipped to [-1, 1] as the sampler clips it), the paper's t and sigma_t, with the
+    final samples as the last frame (t = 0).
+    """
+
+    def __init__(self, model):
+        self.model, self.xt, self.eps, self.t = model, [], [], []
+
+    def __call__(self, x, t):
+        eps = self.model(x, t)
+        self.xt.append(backend.to_numpy(x.data)[:, 0].astype(np.float32))
+        self.eps.append(backend.to_numpy(eps.data)[:, 0].astype(np.float32))
+        self.t.append(int(backend.to_numpy(t)[0]))              # the original chain's 0-based t
+        return eps
+
+    def frames(self, diffusion, chain, sampler, eta, final):
+        abar = diffusion.alphas_cumprod[self.t][:, None, None, None]            # alpha_bar_t per step
+        xt, eps = np.stack(self.xt), np.stack(self.eps)                          # (S, N, H, W)
+        x0 = ((xt - np.sqrt(1 - abar) * eps) / np.sqrt(abar)).clip(-1, 1)      # eq. 15
+        if sampler == "ancestral":      # sigma_t of each respaced step; z = 0 at the last one
+            sigma = np.sqrt(chain.model_variance[::-1]) * (np.arange(chain.T)[::-1] > 0)
+        else:
+            sigma = eta * np.sqrt(chain.posterior_variance[::-1])
+        final = backend.to_numpy(final)[:, 0].astype(np.float32)
+        return {"xt": np.concatenate([xt, final[None]]), "x0": np.concatenate([x0, final[None]]),
+                "t": np.array([t + 1 for t in self.t] + [0]), "sigma": np.append(sigma, 0.0),
+                "alpha_bar": np.append(abar.ravel(), 1.0)}
 
 
 def load_model(checkpoint_path, use_ema=True, device="cpu", variance=None):
@@ -66,7 +100,7 @@ def load_model(checkpoint_path, use_ema=True, device="cpu", variance=None):
 
 def sample_checkpoint(checkpoint_path, n, steps=None, sampler="ancestral", eta=0.0, seed=0,
                       batch_size=None, use_ema=True, device="cpu", progress=None, trajectory=None,
-                      variance=None, label=None, guidance=0.0):
+                      variance=None, label=None, guidance=0.0, frames=False):
     """Draw n samples from a checkpoint; returns a `Sampled`.
 
     steps: reverse steps (respaced); default all T for ancestral, 50 for DDIM.
@@ -81,6 +115,8 @@ def sample_checkpoint(checkpoint_path, n, steps=None, sampler="ancestral", eta=0
         "all" for the ten digits as evenly as n allows, sorted; None draws
         from the unconditional model (the null label). guidance: w of
         classifier-free guidance (tinyddpm/guidance.py), with a label.
+    frames: also keep every reverse step of the first batch (x_t, predicted
+        x_0, t, alpha_bar_t, sigma_t), for tinyddpm/viewer.py.
     The result depends only on the checkpoint, the arguments and `seed` (and,
     to float32 rounding, on how many processes share each network call: the
     kernels' thread count, see the module doc).
@@ -110,7 +146,7 @@ def sample_checkpoint(checkpoint_path, n, steps=None, sampler="ancestral", eta=0
 
     rng = backend.default_rng(seed, device)
     size = checkpoint.config.image_size
-    chunks, kept = [], None
+    chunks, kept, kept_frames = [], None, None
     with nn.batch_parallel(model) as net:
         for start in range(0, n, batch_size):
             shape = (min(batch_size, n - start), 1, size, size)
@@ -119,6 +155,9 @@ def sample_checkpoint(checkpoint_path, n, steps=None, sampler="ancestral", eta=0
                 eps_model = Guided(net, backend.to_device(labels[start:start + shape[0]], device),
                                    guidance if label is not None else 0.0)
             snapshots = TRAJECTORY_SNAPSHOTS[trajectory] if trajectory and start == 0 else False
+            recorder = Frames(eps_model) if frames and start == 0 else None
+            if recorder is not None:
+                eps_model = recorder
             if sampler == "ancestral":
                 out = diffusion.sample(eps_model, shape, rng, steps=steps, progress=progress,
                                        return_trajectory=snapshots)
@@ -128,9 +167,11 @@ def sample_checkpoint(checkpoint_path, n, steps=None, sampler="ancestral", eta=0
             if snapshots:
                 out, path = out
                 kept = [(t, backend.to_numpy(x[:TRAJECTORY_SAMPLES])) for t, x in path]
+            if recorder is not None:
+                kept_frames = recorder.frames(diffusion, diffusion.respace(steps), sampler, eta, out)
             chunks.append(backend.to_numpy(out).astype(np.float32))
     asked = None if label is None else labels
-    return Sampled(np.concatenate(chunks), kept, checkpoint.step, steps, asked)
+    return Sampled(np.concatenate(chunks), kept, checkpoint.step, steps, asked, kept_frames)
 
 
 def _labels(label, n):

@@ -63,6 +63,7 @@ from tinyddpm.data import load_mnist
 from tinyddpm.guidance import NUM_DIGITS, Guided, balanced_labels, drop_labels
 from tinyddpm.diffusion import GaussianDiffusion
 from tinyddpm.images import save_grid
+from tinyddpm.progress import duration
 from tinyddpm.unet import UNet
 
 CHECKPOINT = "checkpoint.npz"
@@ -344,7 +345,7 @@ class Reporter:
         if self._bar is None:
             self.note(f"step {row['step']}/{self.total}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
                       f"grad {row['grad_norm']:.3f}  {row['images_per_s']:.1f} img/s  "
-                      f"elapsed {_duration(row['elapsed_s'])}  eta {_duration(eta_s)}")
+                      f"elapsed {duration(row['elapsed_s'])}  eta {duration(eta_s)}")
 
     def note(self, text):
         if self._bar is not None:
@@ -359,10 +360,6 @@ class Reporter:
             self._bar = None
 
 
-def _duration(seconds):
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
 
 
 # =============================================================================
