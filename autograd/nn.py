@@ -278,6 +278,11 @@ class SelfAttention2d(Module):
 # Running a model over a batch
 # =============================================================================
 
+class BatchParallelError(RuntimeError):
+    """A call of what batch_parallel gave could not compute its whole batch (a worker process
+    failed or died), or the environment asks for a split that cannot be (the message says)."""
+
+
 @swappable
 def batch_parallel(model):
     """A context manager giving something to call in place of `model` on a batch.
@@ -290,7 +295,9 @@ def batch_parallel(model):
         with nn.batch_parallel(model) as net:
             loss = diffusion.loss(net, x0, rng)
 
-    reads the same with or without it.
+    reads the same with or without it. What it gives has `processes`, how
+    many processes share a call (the model itself: none, read as 1). A call
+    that cannot be completed raises BatchParallelError.
     """
     return contextlib.nullcontext(model)
 

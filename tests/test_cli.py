@@ -181,6 +181,8 @@ BAD_COMMAND_LINES = [
     (["sample", "{broken}"], 1, "not a readable .npz"),
     (["sample", "{broken}", "--n", "0"], 2, "--n must be >= 1"),
     (["sample", "{broken}", "--eta", "0.5"], 2, "--eta applies to --sampler ddim only"),
+    (["sample", "{broken}", "--sampler", "ddim", "--eta", "nan"], 2, "--eta must be a finite number >= 0, got nan"),
+    (["sample", "{broken}", "--viewer", "view.png"], 2, "--viewer must end in .html"),
     (["sample", "{broken}", "--out", "grid.jpg"], 2, "--out must end in .png"),
     (["nonsense"], 2, "invalid choice"),
     ([], 2, "required: COMMAND"),

@@ -6,9 +6,11 @@ A model with a few thousand parameters (the "micro" preset, registered only
 here) keeps each step to milliseconds; the loop is the same for any preset.
 """
 import csv
+import json
 import os
 import shutil
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +27,7 @@ from tinyddpm.train import BatchStream, ema_decay, learning_rate
 
 MICRO = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(14,), dropout=0.1, num_groups=4)
 STEPS = 4
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -298,3 +301,131 @@ def test_training_with_p_uncond_1_never_shows_the_model_a_digit(tmp_path):
     start = initial.label_emb.weight.data
     np.testing.assert_array_equal(trained[:10], start[:10])
     assert not np.array_equal(trained[10], start[10])
+
+
+# =============================================================================
+# Faults: a lost worker, a second run on the same directory, bad weights, Ctrl-C in a preview
+# =============================================================================
+
+def test_a_lost_worker_saves_the_last_finished_step_and_says_how_to_resume(one_go, tmp_path, monkeypatch, capsys):
+    from autograd.nn import BatchParallelError
+
+    def lose_a_worker(loss):
+        raise BatchParallelError("the worker process for slice 1 of the batch failed (it exited)")
+
+    patch_loss(monkeypatch, 3, lose_a_worker)
+    assert run(tmp_path) == 1                          # saving every 500 steps: nothing saved before
+    err = capsys.readouterr().err
+    assert "slice 1 of the batch failed" in err and "step 2, the last finished, is saved" in err
+    assert f"tinyddpm train --resume --out {tmp_path}" in err and err.count("\n") == 1
+    assert arrays(tmp_path / "checkpoint.npz")["step"] == 2
+    monkeypatch.undo()
+    monkeypatch.setitem(unet.PRESETS, "micro", MICRO)
+    assert run(tmp_path, "--resume") == 0
+    assert_identical(one_go / "checkpoint.npz", tmp_path / "checkpoint.npz")
+
+
+def test_a_worker_killed_mid_run_ends_in_one_line_with_the_run_resumable(tmp_path):
+    import subprocess
+    import sys
+    import time
+    env = dict(os.environ, TINYDDPM_PROCESSES="2", PYTHONPATH=str(ROOT))
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "tinyddpm", "train", "--preset", "mnist-tiny", "--steps", "400",
+               "--batch-size", "4", "--log-every", "1", "--save-every", "0", "--sample-every", "0",
+               "--out", str(out)]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(metric_lines(out)) < 3:
+            time.sleep(0.2)
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert children, "the run should have a worker process"
+        os.kill(int(children[0]), signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1
+    assert err.count("\n") == 1 and "worker process for slice 1" in err and "resume with" in err, err
+    step = int(arrays(out / "checkpoint.npz")["step"])
+    assert 2 <= step <= len(metric_lines(out))
+    assert not (out / ".lock").exists()
+
+
+def metric_lines(out):
+    try:
+        return (out / "metrics.csv").read_text().splitlines()[1:]
+    except OSError:
+        return []
+
+
+def test_a_second_run_on_a_busy_directory_is_refused_naming_the_holder(tmp_path, capsys):
+    lock = tmp_path / ".lock"
+    lock.write_text(f"{os.getppid()}\n")             # a process that is alive: pytest's parent
+    assert run(tmp_path) == 2
+    err = capsys.readouterr().err
+    assert f"is in use by another run (process {os.getppid()})" in err and err.count("\n") == 1
+    assert not (tmp_path / "checkpoint.npz").exists() and lock.read_text() == f"{os.getppid()}\n"
+
+
+def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path):
+    import subprocess
+    import sys
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / ".lock").write_text(dead + "\n")
+    assert run(tmp_path, steps=1) == 0
+    assert not (tmp_path / ".lock").exists(), "the run gives its lock back"
+
+
+def test_weights_that_are_not_finite_are_never_saved(tmp_path, monkeypatch, capsys):
+    from autograd.optim import Adam
+    real_step, calls = Adam.step, []
+
+    def step(self):
+        real_step(self)
+        calls.append(1)
+        if len(calls) == 2:
+            self.params[0].data[...] = float("inf")
+
+    monkeypatch.setattr(Adam, "step", step)
+    assert run(tmp_path, "--save-every", "1") == 1
+    err = capsys.readouterr().err
+    assert "is not finite after step 2" in err and "step 1) is kept" in err
+    assert arrays(tmp_path / "checkpoint.npz")["step"] == 1
+
+
+@pytest.mark.parametrize("at", ["mid-run", "final"])
+def test_ctrl_c_during_a_preview_saves_and_stops_at_once(tmp_path, monkeypatch, capsys, at):
+    previews = []
+
+    def preview_interrupted(self, step, stop):
+        previews.append(step)
+        stop._handle(signal.SIGINT, None)           # as if Ctrl-C came while it sampled
+
+    monkeypatch.setattr(train_module._Previewer, "__call__", preview_interrupted)
+    options = ["--sample-every", "2"] if at == "mid-run" else []
+    assert run(tmp_path, *options) == 128 + signal.SIGINT
+    out, err = capsys.readouterr()
+    step = 2 if at == "mid-run" else STEPS
+    assert previews == [step] and arrays(tmp_path / "checkpoint.npz")["step"] == step
+    assert "None" not in out + err
+    assert (f"after step {step}" if at == "mid-run" else "the final preview was skipped") in err
+
+
+def test_the_number_of_processes_is_recorded_and_a_change_on_resume_is_noted(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TINYDDPM_PROCESSES", "2")
+    assert run(tmp_path, steps=STEPS // 2) == 0
+    stored = json.loads(str(arrays(tmp_path / "checkpoint.npz")["rng"]))
+    assert stored["processes"] == 2
+    monkeypatch.setenv("TINYDDPM_PROCESSES", "1")
+    capsys.readouterr()
+    assert run(tmp_path, "--resume") == 0
+    assert "trained with each step split over 2 process(es), this run over 1" in capsys.readouterr().out
+
+
+def test_a_bad_tinyddpm_processes_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TINYDDPM_PROCESSES", "abc")
+    assert run(tmp_path) == 1
+    err = capsys.readouterr().err
+    assert err == "tinyddpm train: error: TINYDDPM_PROCESSES must be an integer >= 1, got 'abc'\n"

@@ -186,8 +186,8 @@ def _check_sample_args(args):
         fail(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.eta is not None and args.sampler != "ddim":
         fail("--eta applies to --sampler ddim only")
-    if args.eta is not None and args.eta < 0:
-        fail(f"--eta must be >= 0, got {args.eta}")
+    if args.eta is not None and not (math.isfinite(args.eta) and args.eta >= 0):
+        fail(f"--eta must be a finite number >= 0, got {args.eta}")
     if args.label is not None and args.label != "all":
         if not (args.label.isdigit() and 0 <= int(args.label) <= 9):
             fail(f"--label must be a digit 0..9 or 'all', got {args.label!r}")
@@ -397,10 +397,12 @@ def _run_error():
 
 def _user_errors():
     """The exceptions that mean "the user must fix something", reported without a traceback."""
+    from autograd.nn import BatchParallelError
     from tinyddpm.checkpoint import CheckpointError
     from tinyddpm.data import MNISTFormatError, MNISTNotFoundError
     from tinyddpm.download import MNISTDownloadError
-    return (CheckpointError, MNISTFormatError, MNISTNotFoundError, MNISTDownloadError, OSError)
+    return (CheckpointError, MNISTFormatError, MNISTNotFoundError, MNISTDownloadError, BatchParallelError,
+            OSError)
 
 
 def main(argv=None):

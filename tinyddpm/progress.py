@@ -4,7 +4,7 @@
     ...
     progress.close()
 
-A log file (stdout or stderr not a terminal) gets a line at the start, then
+A log file (stdout or stderr not a terminal) gets a line when the work starts, then
 one whenever `every` seconds have passed, and one at the end, so that a log
 of a run that takes hours shows it is alive without filling up:
 
@@ -29,9 +29,11 @@ class ProgressLines:
         self.stream = stream if stream is not None else sys.stderr
         self.done, self.start = 0, clock()
         self.last, self.reported = self.start, None
-        self._write()
 
     def __call__(self, n=1):
+        if self.reported is None:           # the first line when the work starts, not before
+            self.start = self.last = self.clock()
+            self._write()
         self.done += n
         now = self.clock()
         if now - self.last >= self.every:
@@ -39,7 +41,7 @@ class ProgressLines:
             self._write()
 
     def close(self):
-        if self.done != self.reported:
+        if self.reported is not None and self.done != self.reported:
             self._write()
 
     def _write(self):

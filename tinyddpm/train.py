@@ -44,6 +44,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import os
 import shlex
 import signal
 import threading
@@ -271,12 +272,24 @@ def _noise_and_dropout_rngs(config, rng_state, step):
     return backend.default_rng([seed, NOISE_STREAM, step], device)
 
 
-def _rng_state(batches, noise_rng, device):
+def _rng_state(batches, noise_rng, device, processes=1):
+    """The random state a checkpoint stores, with the number of processes each step was split
+    over: the rounding of a run (and its dropout masks) depend on it."""
     if device == "cpu":
         return {"data": batches.state(), "noise": noise_rng.bit_generator.state,
-                "dropout": backend.global_rng(device).bit_generator.state}
-    return {"data": batches.state(), "noise": None, "dropout": None,
+                "dropout": backend.global_rng(device).bit_generator.state, "processes": processes}
+    return {"data": batches.state(), "noise": None, "dropout": None, "processes": processes,
             "note": "CuPy generators cannot be saved; a resumed run reseeds them from (seed, step)"}
+
+
+def _processes_note(stored_rng, processes):
+    """A line for a run resumed on another number of processes than it was trained on, else None."""
+    before = (stored_rng or {}).get("processes")
+    if before is None or before == processes:
+        return None
+    return (f"note: the checkpoint was trained with each step split over {before} process(es), this run "
+            f"over {processes}; the continuation matches an uninterrupted run only to float32 rounding "
+            "(TINYDDPM_PROCESSES sets the number)")
 
 
 # =============================================================================
@@ -417,19 +430,32 @@ def train(plan, reporter=None):
         stored_rng = plan.checkpoint.rng_state
         batches.seek(stored_rng["data"])
     noise_rng = _noise_and_dropout_rngs(config, stored_rng if device == "cpu" else None, start)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG).write_text(config.to_json() + "\n")
-
-    saved = {"step": start if plan.checkpoint is not None else None}
-
-    def save(step):
-        save_checkpoint(out / CHECKPOINT, model, ema, optimizer, step,
-                        _rng_state(batches, noise_rng, device), config)
-        saved["step"] = step
-
     if start == config.steps:
         return TrainResult("finished", start, f"{out / CHECKPOINT} is already at step {start}; "
                                               "nothing to do (pass a larger --steps to train further)", 0)
+    with RunLock(out):
+        if plan.checkpoint is None and (out / CHECKPOINT).exists():
+            raise RunError(f"{out} already holds a run ({CHECKPOINT}), started while this one was "
+                           "starting; add --resume to continue it, or choose another --out")
+        (out / CONFIG).write_text(config.to_json() + "\n")
+        return _train_loop(plan, reporter, model, params, optimizer, ema, diffusion, batches, noise_rng,
+                           stored_rng)
+
+
+def _train_loop(plan, reporter, model, params, optimizer, ema, diffusion, batches, noise_rng, stored_rng):
+    config, out, device, start = plan.config, plan.out_dir, plan.config.device, plan.start_step
+    saved = {"step": start if plan.checkpoint is not None else None}
+
+    def save(step, rng_state):
+        # A step that left a weight infinite or NaN (a learning rate far too large) is not
+        # saved over the last good checkpoint: it would only resume into the same state.
+        bad = next((name for name, p in model.named_parameters()
+                    if not bool(p.xp.isfinite(p.data).all())), None)
+        if bad is not None:
+            return _diverged(f"weight {bad}", "not finite", step, out, saved["step"], after=True)
+        save_checkpoint(out / CHECKPOINT, model, ema, optimizer, step, rng_state, config)
+        saved["step"] = step
+        return None
 
     metrics_file, metrics, elapsed = _open_metrics(out / METRICS, keep_until=start if plan.checkpoint else None)
     preview = _Previewer(config, model, ema, diffusion, out, reporter)
@@ -441,8 +467,14 @@ def train(plan, reporter=None):
     reporter.begin(start, config.steps)
     try:
         with StopRequest() as stop, nn.batch_parallel(model) as net:
+            processes = getattr(net, "processes", 1)
+            note = _processes_note(stored_rng, processes)
+            if note:
+                reporter.note(note)
             while step < config.steps:
                 began = time.perf_counter()
+                # What the checkpoint of the last finished step holds, should this step fail.
+                at_step_start = _rng_state(batches, noise_rng, device, processes)
                 # Algorithm 1: x_0 from the data; the loss draws t and eps and returns
                 # || eps - eps_theta(sqrt(a_bar_t) x_0 + sqrt(1 - a_bar_t) eps, t) ||^2.
                 images, digits = batches.next()
@@ -452,8 +484,13 @@ def train(plan, reporter=None):
                     labels = drop_labels(backend.to_device(digits, device), config.p_uncond, noise_rng)
                 optimizer.lr = learning_rate(config, step + 1)
                 optimizer.zero_grad()
-                loss = diffusion.loss(net, x0, noise_rng, labels=labels, **loss_weighting(config))
-                loss.backward()
+                try:
+                    loss = diffusion.loss(net, x0, noise_rng, labels=labels, **loss_weighting(config))
+                    loss.backward()
+                except nn.BatchParallelError as exc:
+                    # Nothing was updated yet: the state of the last finished step is whole.
+                    failed = save(step, at_step_start) if saved["step"] != step else None
+                    return failed or _worker_lost(exc, step, out)
                 # Reading the loss on the host waits for the GPU. Read only once the backward is
                 # queued, so the device never idles while Python queues it; a NaN has then made
                 # NaN gradients, and nothing is updated before the checks below. The total norm
@@ -484,15 +521,24 @@ def train(plan, reporter=None):
                     interval = dict.fromkeys(interval, 0.0)
 
                 if stop or step == config.steps or (config.save_every and step % config.save_every == 0):
-                    save(step)
+                    failed = save(step, _rng_state(batches, noise_rng, device, processes))
+                    if failed:
+                        return failed
                 if stop:
                     return _interrupted(stop.signum, step, out)
                 if config.sample_every and step % config.sample_every == 0 and step != config.steps:
                     preview(step, stop)
+                    if stop:            # Ctrl-C during the preview: save this step, train no more
+                        failed = save(step, _rng_state(batches, noise_rng, device, processes))
+                        return failed or _interrupted(stop.signum, step, out)
             preview(step, stop)
     finally:
         reporter.end()
         metrics_file.close()
+    if stop:
+        return TrainResult("interrupted", step, f"{signal.Signals(stop.signum).name}: all {step} steps are done "
+                                                f"and saved in {out / CHECKPOINT}; the final preview was skipped",
+                           128 + stop.signum)
     return TrainResult("finished", step, f"done: {step} steps; checkpoint {out / CHECKPOINT}, "
                                          f"samples {preview.last_path}", 0)
 
@@ -503,11 +549,72 @@ def _metrics_row(step, lr, elapsed, interval, batch_size):
             "images_per_s": batch_size * n / interval["seconds"], "elapsed_s": elapsed}
 
 
-def _diverged(what, value, step, out, saved_step):
+def _diverged(what, value, step, out, saved_step, after=False):
     kept = ("no checkpoint was written" if saved_step is None
             else f"the last checkpoint ({out / CHECKPOINT}, step {saved_step}) is kept")
-    return TrainResult("diverged", step - 1, f"stopped: the {what} is {value} at step {step}; nothing saved, "
+    when = "after" if after else "at"
+    return TrainResult("diverged", step - 1, f"stopped: the {what} is {value} {when} step {step}; nothing saved, "
                                              f"{kept}. Try a lower --lr or --grad-clip", 1)
+
+
+def _worker_lost(exc, step, out):
+    return TrainResult("failed", step, f"stopped: {exc}; step {step}, the last finished, is saved in "
+                                       f"{out / CHECKPOINT}; resume with: {resume_command(out)}", 1)
+
+
+class RunLock:
+    """Holds a run directory for one run at a time: `.lock` in it names the holder's PID.
+
+    A second run on the same directory is refused in one line naming the holder;
+    a lock left by a process that no longer runs (killed) is taken over.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, out):
+        self.path = Path(out) / self.NAME
+        self.held = False
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and _alive(holder):
+                    raise RunError(f"{self.path.parent} is in use by another run (process {holder}); "
+                                   "wait for it to end, or choose another --out") from None
+                self.path.unlink(missing_ok=True)          # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            self.held = True
+            return self
+        raise RunError(f"{self.path.parent}: could not take the run's lock {self.path}")
+
+    def __exit__(self, *exc):
+        if self.held and self._holder() == os.getpid():
+            self.path.unlink(missing_ok=True)
+        self.held = False
+        return False
+
+    def _holder(self):
+        try:
+            text = self.path.read_text().strip()
+        except OSError:
+            return None
+        return int(text) if text.isdigit() else None
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:        # someone else's process: alive
+        return True
+    return True
 
 
 def resume_command(out):

@@ -58,7 +58,7 @@ import weakref
 
 import numpy as np
 
-from .. import backend
+from .. import backend, nn
 from ..tensor import Function, Tensor, is_grad_enabled, no_grad
 from . import threads
 
@@ -238,7 +238,7 @@ class _Workers:
             self._stop_children()
             k = failed[0]
             raise WorkerError(f"the worker process for slice {k} of the batch failed "
-                              f"({replies[k]['error']}); the rest of this run goes on unsplit")
+                              f"({replies[k]['error']})")
         return own, replies
 
     def _stop_children(self):
@@ -249,7 +249,7 @@ class _Workers:
 _EXITED = {"error": "it exited: killed, or out of memory?"}
 
 
-class WorkerError(RuntimeError):
+class WorkerError(nn.BatchParallelError):
     """A worker process failed or died during a split call (the message says which)."""
 
 
@@ -460,7 +460,7 @@ def default_processes():
     value = os.environ.get("TINYDDPM_PROCESSES")
     if value is not None:
         if not value.strip().isdigit() or int(value) < 1:
-            raise ValueError(f"TINYDDPM_PROCESSES must be an integer >= 1, got {value!r}")
+            raise nn.BatchParallelError(f"TINYDDPM_PROCESSES must be an integer >= 1, got {value!r}")
         return int(value)
     return _cores or threads.num_threads()
 
