@@ -267,8 +267,10 @@ def tiny_checkpoint(tmp_path_factory):
     config = TrainConfig(T=4, sample_steps=2).validate()
     net = build_model(config)
     path = tmp_path_factory.mktemp("ckpt") / "checkpoint.npz"
+    state = np.random.default_rng(0).bit_generator.state     # the generators' states as train.py saves them
+    rng = {"data": {"epoch_start": state, "batches_taken": 0}, "noise": state, "dropout": state}
     save_checkpoint(path, net, optim.EMA(net.parameters()), optim.Adam(net.parameters(), 1e-4),
-                    0, {}, config)
+                    0, rng, config)
     return path
 
 
