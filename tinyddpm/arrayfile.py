@@ -94,19 +94,23 @@ def _read_header(f):
 class ArrayFile:
     """An open .npz archive (or, with allow_npy, a single .npy file), its entries known, no data read.
 
-    `entries` maps each name (the member's name without ".npy") to its
-    ArrayInfo, in the archive's order; a plain .npy holds one entry, "arr_0",
-    the name np.savez gives an unnamed array. Use as a context manager.
+    source: a path, or a seekable binary file (e.g. io.BytesIO), which is
+    then closed with this. `entries` maps each name (the member's name
+    without ".npy") to its ArrayInfo, in the archive's order; a plain .npy
+    holds one entry, "arr_0", the name np.savez gives an unnamed array. Use
+    as a context manager.
     """
 
-    def __init__(self, path, allow_npy=False, max_entries=10_000):
-        self.path = Path(path)
+    def __init__(self, source, allow_npy=False, max_entries=10_000):
         self._zip = None
         self.members = {}                  # name -> the zip member holding it
-        try:
-            self._file = open(self.path, "rb")
-        except OSError as exc:
-            raise ArrayFileError(exc.strerror or str(exc)) from None
+        if hasattr(source, "read"):
+            self._file = source
+        else:
+            try:
+                self._file = open(source, "rb")
+            except OSError as exc:
+                raise ArrayFileError(exc.strerror or str(exc)) from None
         try:
             self.entries = self._read_entries(allow_npy, max_entries)
         except BaseException:
@@ -119,7 +123,7 @@ class ArrayFile:
         if start.startswith(NPY_MAGIC) and allow_npy:
             info = _read_header(self._file)
             self._data_start = self._file.tell()
-            held = os.fstat(self._file.fileno()).st_size - self._data_start
+            held = self._file.seek(0, os.SEEK_END) - self._data_start
             _check_size(info, held)
             return {"arr_0": info}
         if start.startswith(NPY_MAGIC):
