@@ -374,13 +374,13 @@ ARRAY = pickle.dumps(np.zeros(3, np.float32), protocol=3)
 
 @pytest.mark.parametrize("payload, words", [
     (b"\x80\x63N.", "ValueError: unsupported pickle protocol: 99"),
-    (b"I12x\n.", "ValueError: could not convert"),
-    (b"\x80\x02N}b.", "AttributeError"),                                # BUILD on None
+    (b"I12x\n.", "ValueError: invalid literal"),
+    (b"\x80\x02N}(U\x01aK\x01ub.", "AttributeError"),                  # BUILD on None
     (b"\x80\x02NN\x85R.", "TypeError: 'NoneType' object is not callable"),
     (b"\x80\x02]q\x00h\x05.", "Memo value not found"),
-    (b"\x80\x02((.", "unexpected MARK"),
-    (b"\x80\x04\x8e" + (2**62).to_bytes(8, "little") + b"..", "MemoryError|truncated"),
-    (pickle.dumps(b"x" * 10, protocol=4)[:-5], "truncated|EOFError"),
+    (b"\x80\x02((.", "cannot read the pickle"),
+    (b"\x80\x04\x8e" + (2**62).to_bytes(8, "little") + b"..", "EOFError"),
+    (pickle.dumps(b"x" * 10, protocol=4)[:-5], "exhausted before end of frame"),
     (ARRAY.replace(b"K\x00\x85", b"J\xff\xff\xff\x0f\x85", 1), "only NumPy's own pickling of arrays"),
     (ARRAY[:-1] + b"N\x85R.", "TypeError"),                               # call an array
 ], ids=["protocol 99", "bad INT", "BUILD on None", "call None", "unknown memo", "open marks",
@@ -393,6 +393,14 @@ def test_hub_pickle_that_inflates_past_its_bound_is_refused(tmp_path, monkeypatc
     monkeypatch.setattr(data, "MAX_HUB_BYTES", 2**16)
     payload = pickle.dumps(np.zeros(2**15, np.float32), protocol=3)
     hub_error(tmp_path, monkeypatch, payload, "inflates to more than 65,536 bytes")
+
+
+def test_a_byte_string_declared_larger_than_the_file_allocates_nothing_of_it(tmp_path, monkeypatch):
+    # 3 GB declared, two bytes present: the C unpickler allocated the 3 GB before reading.
+    monkeypatch.setattr(data, "MAX_HUB_BYTES", 2**20)
+    hub = tmp_path / "mnist.pkl.gz"
+    hub.write_bytes(gzip.compress(b"\x80\x03B" + (3 * 10**9).to_bytes(4, "little") + b"xx."))
+    assert peak_bytes(data._read_hub_pickle, hub, refusal=MNISTFormatError) < 4 * 2**20
 
 
 def test_hub_pickle_not_gzipped_is_refused(tmp_path, monkeypatch):

