@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 from autograd.optim import EMA, Adam
 from tinyddpm import data as mnist_data
 from tinyddpm import unet
-from tinyddpm.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from tinyddpm.config import TrainConfig
+from tinyddpm.checkpoint import Checkpoint, CheckpointError, _check_rng_state, load_checkpoint, save_checkpoint
+from tinyddpm.config import MAX_SAMPLE_N, MAX_T, ConfigError, TrainConfig
 from tinyddpm.data import MNISTFormatError, read_idx
 from tinyddpm.evaluate import SamplesError, SamplesFile
 
@@ -290,3 +290,54 @@ def test_the_checkpoint_fixture_is_what_train_writes(checkpoint_bytes):
     """The mutations start from a file of the real layout: its rng entry as train.py saves it."""
     with np.load(io.BytesIO(checkpoint_bytes[0]), allow_pickle=False) as npz:
         assert set(json.loads(str(npz["rng"]))) == {"data", "noise", "dropout"}
+
+
+# =============================================================================
+# The JSON inside a checkpoint: the run's configuration and the generators' states
+# =============================================================================
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**130, 2**130) | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12)
+
+
+def with_replaced(value, data, keys):
+    """`value` (a dict of dicts) with the item at a drawn path replaced by drawn JSON."""
+    value = json.loads(json.dumps(value))
+    inner = value
+    path = data.draw(st.lists(st.sampled_from(keys), min_size=1, max_size=3))
+    for key in path[:-1]:
+        if not isinstance(inner.get(key), dict):
+            break
+        inner = inner[key]
+    inner[path[-1]] = data.draw(JSON)
+    return value
+
+
+@FUZZ
+@given(data=st.data())
+def test_any_json_configuration_is_valid_or_one_config_error(data):
+    fields = list(TrainConfig().to_dict())
+    values = with_replaced(TrainConfig().to_dict(), data, fields + ["unknown"])
+    try:
+        config = TrainConfig.from_json(json.dumps(values)).validate()
+    except ConfigError as exc:
+        assert "\n" not in str(exc)
+    else:
+        assert config.T <= MAX_T and config.sample_n <= MAX_SAMPLE_N
+
+
+@FUZZ
+@given(data=st.data())
+def test_any_json_generator_state_is_valid_or_one_checkpoint_error(data):
+    state = np.random.default_rng(1).bit_generator.state
+    rng = {"data": {"epoch_start": state, "batches_taken": 1}, "noise": state, "dropout": state}
+    keys = ["data", "noise", "dropout", "note", "epoch_start", "batches_taken", "state", "inc",
+            "bit_generator", "has_uint32", "uinteger"]
+    crafted = with_replaced(rng, data, keys)
+    device = data.draw(st.sampled_from(["cpu", "cuda"]))
+    try:
+        _check_rng_state("checkpoint.npz", crafted, TrainConfig(device=device), step=5)
+    except CheckpointError as exc:
+        assert "\n" not in str(exc)

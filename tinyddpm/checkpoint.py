@@ -307,7 +307,7 @@ def _check_rng_state(path, state, config, step):
         fail("not a JSON object")
     unknown = sorted(set(state) - {"data", "noise", "dropout", "note"})
     if unknown:
-        fail(f"unknown key(s) {', '.join(map(repr, unknown))}")
+        fail(f"unknown key(s) {', '.join(repr(key[:40]) for key in unknown[:3])}")
     data = state.get("data")
     if not isinstance(data, dict) or set(data) != {"epoch_start", "batches_taken"}:
         fail("'data' must hold 'epoch_start' and 'batches_taken'")
