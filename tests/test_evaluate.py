@@ -428,14 +428,9 @@ def test_eval_says_now_and_then_that_it_is_working_when_stderr_is_a_log(tmp_path
 
 
 @pytest.mark.parametrize("eta", [float("nan"), float("inf"), -1.0])
-def test_non_finite_or_negative_eta_is_refused(tmp_checkpoint_path, capsys, eta):
-    assert ev.run_eval(_eval_args(path=str(tmp_checkpoint_path), sampler="ddim", eta=eta)) == 2
+def test_non_finite_or_negative_eta_is_refused(tmp_path, capsys, eta):
+    assert ev.run_eval(_eval_args(path=str(tmp_path / "checkpoint.npz"), sampler="ddim", eta=eta)) == 2
     assert "--eta must be a finite number >= 0" in capsys.readouterr().err
-
-
-@pytest.fixture
-def tmp_checkpoint_path(tmp_path):
-    return tmp_path / "checkpoint.npz"
 
 
 def test_gaussian_fit_block_by_block_equals_the_fit_of_all_at_once():
