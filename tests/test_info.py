@@ -8,20 +8,26 @@ import numpy as np
 import pytest
 
 from autograd.optim import EMA, Adam
-from tinyddpm import info as info_module
-from tinyddpm.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
+from tinyddpm.checkpoint import FORMAT_VERSION, CheckpointError, save_checkpoint
 from tinyddpm.config import TrainConfig
 from tinyddpm.info import checkpoint_info, format_info
+from tinyddpm import unet
 from tinyddpm.unet import UNet
+from test_checkpoint import RNG_STATE
 
 MICRO = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0, num_groups=4)
-CONFIG = TrainConfig(steps=500, batch_size=16, ema_decay=0.99, seed=7)
+CONFIG = TrainConfig(preset="micro", steps=500, batch_size=16, ema_decay=0.99, seed=7)
+
+
+@pytest.fixture(autouse=True)
+def micro_preset(monkeypatch):
+    monkeypatch.setitem(unet.PRESETS, "micro", MICRO)
 
 
 @pytest.fixture
 def saved(tmp_path):
     """A checkpoint of a small UNet after 3 Adam steps, written at training step 3."""
-    model = UNet(**MICRO, rng=np.random.default_rng(0))
+    model = UNet(**CONFIG.unet_kwargs(), rng=np.random.default_rng(0))
     params = model.parameters()
     optimizer, ema = Adam(params, lr=1e-2), EMA(params, decay=0.9)
     for _ in range(3):
@@ -30,7 +36,8 @@ def saved(tmp_path):
         optimizer.step()
         ema.update()
     path = tmp_path / "checkpoint.npz"
-    save_checkpoint(path, model, ema, optimizer, 3, {"noise": 1}, CONFIG)
+    rng_state = dict(RNG_STATE, data=dict(RNG_STATE["data"], batches_taken=3))     # 3 steps, 3 batches
+    save_checkpoint(path, model, ema, optimizer, 3, rng_state, CONFIG)
     return path, sum(p.data.size for p in params)
 
 
@@ -73,21 +80,16 @@ def test_a_checkpoint_without_optimizer_state_says_so(saved):
     assert "none (weights only)" in format_info(info)
 
 
-def test_a_conditional_config_is_reported(saved, monkeypatch):
-    # TrainConfig has no class_cond field yet; a config that has one stands in for it.
-    path, _ = saved
-    fields = [("class_cond", bool, True), ("p_uncond", float, 0.1)]
-    ConditionalConfig = dataclasses.make_dataclass("ConditionalConfig", fields, bases=(TrainConfig,))
-
-    def load_conditional(path):
-        checkpoint = load_checkpoint(path)
-        checkpoint.config = ConditionalConfig(**checkpoint.config.to_dict())
-        return checkpoint
-
-    monkeypatch.setattr(info_module, "load_checkpoint", load_conditional)
+def test_a_conditional_checkpoint_is_reported_as_one(tmp_path):
+    config = dataclasses.replace(CONFIG, class_cond=True, p_uncond=0.2)
+    model = UNet(**config.unet_kwargs(), rng=np.random.default_rng(0))
+    params = model.parameters()
+    rng_state = dict(RNG_STATE, data=dict(RNG_STATE["data"], batches_taken=0))
+    path = tmp_path / "conditional.npz"
+    save_checkpoint(path, model, EMA(params), Adam(params, lr=1e-3), 0, rng_state, config)
     info = checkpoint_info(path)
-    assert info["class_cond"] is True
-    assert "conditional  yes, on the digit label (dropped with p = 0.1" in format_info(info)
+    assert info["class_cond"] is True and info["parameters"] == model.num_parameters()
+    assert "conditional  yes, on the digit label (dropped with p = 0.2" in format_info(info)
 
 
 # =============================================================================

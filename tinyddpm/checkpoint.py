@@ -15,31 +15,45 @@ a stranger cannot run code. The entries, all host (NumPy) arrays:
 
 Writing is atomic: the arrays go to a temporary file in the same directory,
 which is flushed and fsynced to disk before `os.replace` renames it over
-the old checkpoint in one step. A crash or Ctrl-C during the write leaves
-the previous checkpoint intact (and at worst a `.checkpoint.npz.*.tmp`
-file that no loader mistakes for a checkpoint).
+the old checkpoint in one step (tinyddpm/arrayfile.py). A crash or Ctrl-C
+during the write leaves the previous checkpoint intact, and at worst a
+`.checkpoint.npz.<pid>@<host>.<random>.tmp` file that no loader mistakes for a
+checkpoint and that the next successful save removes once its writer is dead.
 
-Anything wrong with a file to load (missing, truncated, not an .npz, an
-.npz of something else, a newer format, pickled objects) raises
-`CheckpointError` with one line naming the file and the problem.
+Reading trusts nothing the file declares. The headers of all entries come
+first, without their data; the configuration is read and validated next, and
+it says which network the weights belong to, so every weight entry's dtype
+and shape is checked against that network before a byte of weights is read.
+Unknown entries are refused unread, so a small file cannot make the loader
+inflate gigabytes. Anything wrong with a file (missing, truncated, not an
+.npz, an .npz of something else, a newer format, pickled objects, sizes,
+dtypes or values that do not fit) raises `CheckpointError` with one line
+naming the file and the problem.
 """
 from __future__ import annotations
 
+import functools
 import json
-import os
-import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from autograd import backend
+from tinyddpm.arrayfile import ArrayFile, ArrayFileError, write_atomically
 from tinyddpm.config import ConfigError, TrainConfig
+from tinyddpm.data import MAX_IDX_ITEMS
+from tinyddpm.unet import UNet
 
 FORMAT_VERSION = 1
 
 REQUIRED = ("format_version", "step", "config", "rng")
+OPTIMIZER_SLOTS = ("m", "v")
+
+# The longest JSON text read from the `config` and `rng` entries, in
+# characters: tinyddpm writes under a thousand; the bound keeps a hostile
+# file from making the loader parse megabytes.
+MAX_TEXT = 65_536
 
 
 class CheckpointError(Exception):
@@ -93,6 +107,8 @@ def save_checkpoint(path, model, ema, optimizer, step, rng_state, config):
     model: an autograd Module; ema: autograd.optim.EMA over the model's
     parameters; optimizer: an autograd.optim optimizer over them; step: int;
     rng_state: a JSON-serializable dict; config: a TrainConfig (or a dict).
+    A write that fails (a full disk) raises CheckpointError, which names the
+    file and says what is left of the previous checkpoint.
     """
     path = Path(path)
     names = [name for name, _ in model.named_parameters()]
@@ -113,40 +129,24 @@ def save_checkpoint(path, model, ema, optimizer, step, rng_state, config):
             arrays[f"optimizer/{slot}/{names[int(index)]}"] = backend.to_numpy(value)
         else:
             arrays[f"optimizer/{key}"] = np.asarray(value)
-    _write_atomically(path, arrays)
-
-
-def _write_atomically(path, arrays):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary file must be on the same file system as `path` for the
-    # rename to be atomic, hence the same directory. Its name does not end
-    # in .npz, so nothing takes a half-written file for a checkpoint.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Also on KeyboardInterrupt: the old checkpoint is untouched; drop the partial one.
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
+        write_atomically(path, lambda f: np.savez(f, **arrays))
+    except OSError as exc:
+        # A full disk shows as "[Errno 28] No space left on device" and nothing else; say
+        # which file, and what the user still has.
+        raise CheckpointError(f"{path}: could not save the checkpoint of step {step} "
+                              f"({exc.strerror or exc}); {_what_is_left(path)}") from None
 
 
-def _fsync_directory(directory):
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+def _what_is_left(path):
+    """After a failed save: what is at `path`, which the atomic write never touched."""
+    if not path.exists():
+        return "no checkpoint had been saved there before"
     try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        with ArrayFile(path) as archive:
+            return f"the previous checkpoint there (step {_read_int(path, archive, 'step')}) is intact"
+    except (ArrayFileError, CheckpointError):
+        return "the file already there is left as it was"
 
 
 # =============================================================================
@@ -164,72 +164,174 @@ def load_checkpoint(path):
         raise CheckpointError(f"{path}: no such file")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
-    entries = _read_npz(path)
+    try:
+        with ArrayFile(path) as archive:
+            return _read_checkpoint(path, archive)
+    except ArrayFileError as exc:
+        raise CheckpointError(f"{path}: not a tinyddpm checkpoint, or a corrupt one "
+                              f"(not a readable .npz file: {exc})") from None
 
+
+def _read_checkpoint(path, archive):
+    entries = archive.entries
     missing = [key for key in REQUIRED if key not in entries]
     if missing:
         raise CheckpointError(f"{path}: not a tinyddpm checkpoint (no {', '.join(missing)} entry)")
-    version = _scalar(path, entries, "format_version", int)
+    version = _read_int(path, archive, "format_version")
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: written by a newer tinyddpm (format version {version}; "
                               f"this one reads up to {FORMAT_VERSION})")
+    if version < 1:
+        raise CheckpointError(f"{path}: unknown format version {version}")
     try:
-        config = TrainConfig.from_json(_scalar(path, entries, "config", str)).validate()
+        # Only the fields that define the run: a resumed run may set the others anew (see validate).
+        config = TrainConfig.from_json(_read_text(path, archive, "config")).validate(resumable=False)
     except ConfigError as exc:
-        raise CheckpointError(f"{path}: invalid configuration: {exc}") from None
+        raise CheckpointError(f"{path}: invalid configuration: {_one_line(exc)}") from None
+    step = _read_int(path, archive, "step")
+    if step < 0:
+        raise CheckpointError(f"{path}: entry 'step' is {step}, a negative number of steps")
     try:
-        rng_state = json.loads(_scalar(path, entries, "rng", str))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: invalid random-generator state: {exc}") from None
+        rng_state = json.loads(_read_text(path, archive, "rng"))
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: invalid random-generator state: {_one_line(exc)}") from None
+    _check_rng_state(path, rng_state, config, step)
 
-    def group(prefix):
-        return {key[len(prefix):]: value for key, value in entries.items() if key.startswith(prefix)}
-
-    checkpoint = Checkpoint(path=path, step=_scalar(path, entries, "step", int), config=config,
-                            rng_state=rng_state, model=group("model/"), ema=group("ema/"),
-                            optimizer=group("optimizer/"), format_version=version)
-    if not checkpoint.model:
-        raise CheckpointError(f"{path}: holds no model weights")
-    if set(checkpoint.ema) != set(checkpoint.model):
-        raise CheckpointError(f"{path}: EMA weights do not match the model weights")
-    if "step" in checkpoint.optimizer:
-        checkpoint.optimizer["step"] = int(checkpoint.optimizer["step"])
+    groups = _check_weight_entries(path, entries, config)
+    checkpoint = Checkpoint(path=path, step=step, config=config, rng_state=rng_state,
+                            model=_read_weights(path, archive, "model/", groups["model"]),
+                            ema=_read_weights(path, archive, "ema/", groups["ema"]),
+                            format_version=version)
+    if groups["optimizer"]:
+        optimizer_step = _read_int(path, archive, "optimizer/step")
+        if not 0 <= optimizer_step <= step:
+            raise CheckpointError(f"{path}: entry 'optimizer/step' is {optimizer_step}, "
+                                  f"not a step count between 0 and the checkpoint's {step}")
+        checkpoint.optimizer = {"step": optimizer_step}
+        for slot in OPTIMIZER_SLOTS:
+            moments = _read_weights(path, archive, f"optimizer/{slot}/", groups["optimizer"])
+            checkpoint.optimizer.update({f"{slot}/{name}": value for name, value in moments.items()})
+        negative = [name for name in groups["optimizer"] if checkpoint.optimizer[f"v/{name}"].min() < 0]
+        if negative:
+            raise CheckpointError(f"{path}: entry 'optimizer/v/{negative[0]}' holds negative values "
+                                  "(Adam's second moments are squares)")
     return checkpoint
 
 
-def _read_npz(path):
-    """Every entry of the .npz as a NumPy array, read now, so a damaged file fails here."""
-    try:
-        npz = np.load(path, allow_pickle=False)
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable .npz file (truncated or foreign?): "
-                              f"{_one_line(exc)}") from None
-    if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise CheckpointError(f"{path}: not a tinyddpm checkpoint (an .npy array, not an .npz archive)")
-    entries = {}
-    with npz:
-        for name in npz.files:
-            try:
-                entries[name] = npz[name]
-            except ValueError as exc:
-                if "allow_pickle" in str(exc):
-                    raise CheckpointError(f"{path}: entry {name!r} holds pickled Python objects, "
-                                          "which are refused (allow_pickle=False)") from None
-                raise CheckpointError(f"{path}: entry {name!r} is damaged: {_one_line(exc)}") from None
-            except (zipfile.BadZipFile, EOFError, OSError) as exc:
-                raise CheckpointError(f"{path}: entry {name!r} is damaged (truncated file?): "
-                                      f"{_one_line(exc)}") from None
-    return entries
+@functools.lru_cache(maxsize=None)
+def _parameter_shapes(preset_kwargs):
+    """{parameter name: shape} of the UNet built from these keyword arguments, in definition order."""
+    model = UNet(**dict(preset_kwargs))
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
-def _scalar(path, entries, key, kind):
-    value = entries[key]
-    if value.shape != ():
-        raise CheckpointError(f"{path}: entry {key!r} should be a scalar, has shape {value.shape}")
+def _check_weight_entries(path, entries, config):
+    """Check every entry other than REQUIRED against the config's network, from the headers alone.
+
+    Returns {"model": names, "ema": names, "optimizer": names or []}; the
+    optimizer's state is all there or absent.
+    """
+    shapes = _parameter_shapes(tuple(sorted(config.unet_kwargs().items())))
+    expected = {f"{group}/{name}": shape for group in ("model", "ema", "optimizer/m", "optimizer/v")
+                for name, shape in shapes.items()}
+    unknown = [key for key in entries if key not in expected and key not in REQUIRED
+               and key != "optimizer/step"]
+    if unknown:
+        shown = ", ".join(repr(key) for key in unknown[:3]) + (", ..." if len(unknown) > 3 else "")
+        raise CheckpointError(f"{path}: holds {len(unknown)} entries that no {config.preset!r} "
+                              f"checkpoint has ({shown}); refused unread")
+    for key, shape in expected.items():
+        info = entries.get(key)
+        if info is not None and (info.dtype != np.float32 or info.shape != shape):
+            raise CheckpointError(f"{path}: entry {key!r} is {info.dtype} {info.shape}; the "
+                                  f"{config.preset!r} network needs float32 {shape}")
+    groups = {}
+    for group in ("model", "ema", "optimizer/m", "optimizer/v"):
+        absent = [name for name in shapes if f"{group}/{name}" not in entries]
+        if absent and not (group.startswith("optimizer") and len(absent) == len(shapes)):
+            raise CheckpointError(f"{path}: {len(absent)} {group} entries are missing "
+                                  f"(the first: {group}/{absent[0]})")
+        groups[group] = [] if absent else list(shapes)
+    has_step = "optimizer/step" in entries
+    if not (bool(groups["optimizer/m"]) == bool(groups["optimizer/v"]) == has_step):
+        raise CheckpointError(f"{path}: the optimizer's state is incomplete (its step, m and v go together)")
+    return {"model": groups["model"], "ema": groups["ema"], "optimizer": groups["optimizer/m"]}
+
+
+def _read_weights(path, archive, prefix, names):
+    """{name: float32 array} of the entries prefix + name, each checked to be finite."""
+    weights = {}
+    for name in names:
+        value = archive.read(prefix + name)
+        if not np.isfinite(value).all():
+            raise CheckpointError(f"{path}: entry {prefix + name!r} holds NaN or infinite values")
+        weights[name] = value
+    return weights
+
+
+def _read_int(path, archive, key):
+    """The integer scalar entry `key`, checked from its header before it is read."""
+    info = archive.entries[key]
+    if info.shape != () or info.dtype.kind not in "iu":
+        raise CheckpointError(f"{path}: entry {key!r} should be an integer scalar, "
+                              f"is {info.dtype} {info.shape}")
+    return int(archive.read(key)[()])
+
+
+def _read_text(path, archive, key):
+    """The string scalar entry `key` (JSON text), checked from its header before it is read."""
+    info = archive.entries[key]
+    if info.shape != () or info.dtype.kind != "U":
+        raise CheckpointError(f"{path}: entry {key!r} should be a text scalar, is {info.dtype} {info.shape}")
+    if info.dtype.itemsize // 4 > MAX_TEXT:
+        raise CheckpointError(f"{path}: entry {key!r} is {info.dtype.itemsize // 4:,} characters long; "
+                              f"tinyddpm reads at most {MAX_TEXT:,}")
     try:
-        return kind(value[()])
-    except (TypeError, ValueError):
-        raise CheckpointError(f"{path}: entry {key!r} is not a {kind.__name__}") from None
+        return str(archive.read(key)[()])
+    except (ValueError, UnicodeError):     # code points that are not characters
+        raise CheckpointError(f"{path}: entry {key!r} is not valid text") from None
+
+
+def _check_rng_state(path, state, config, step):
+    """The generators' states as train.py saves them, checked before anything uses them.
+
+    {"data": {"epoch_start": state, "batches_taken": int}, "noise": state,
+    "dropout": state, "processes": int (optional), "note": text (optional)},
+    each state that of a NumPy PCG64. A run on the GPU stores None for noise
+    and dropout: CuPy's generators cannot be read out. "processes" is how
+    many processes each step was split over (train.py notes a change).
+    """
+    def fail(problem):
+        raise CheckpointError(f"{path}: invalid random-generator state: {problem}")
+
+    if not isinstance(state, dict):
+        fail("not a JSON object")
+    unknown = sorted(set(state) - {"data", "noise", "dropout", "processes", "note"})
+    if unknown:
+        fail(f"unknown key(s) {', '.join(repr(key[:40]) for key in unknown[:3])}")
+    processes = state.get("processes", 1)
+    if type(processes) is not int or not 1 <= processes <= 4096:
+        fail(f"'processes' must be an integer in 1..4096, got {str(processes)[:50]}")
+    data = state.get("data")
+    if not isinstance(data, dict) or set(data) != {"epoch_start", "batches_taken"}:
+        fail("'data' must hold 'epoch_start' and 'batches_taken'")
+    _check_generator_state(fail, "data.epoch_start", data["epoch_start"])
+    # Batches taken in the current epoch: never more than the steps taken, nor
+    # than an epoch of the largest data set the loader accepts has batches.
+    taken, most = data["batches_taken"], min(step, MAX_IDX_ITEMS // config.batch_size)
+    if type(taken) is not int or not 0 <= taken <= most:
+        fail(f"data.batches_taken must be an integer in 0..{most}, got {str(taken)[:50]}")
+    for key in ("noise", "dropout"):
+        if config.device == "cuda" and state.get(key) is None:
+            continue
+        _check_generator_state(fail, key, state.get(key))
+
+
+def _check_generator_state(fail, what, value):
+    try:
+        np.random.PCG64().state = value     # the generator's own check of a state
+    except (TypeError, ValueError, KeyError, OverflowError) as exc:
+        fail(f"{what} is not the state of a PCG64 generator ({_one_line(exc, 100)})")
 
 
 def _one_line(exc, limit=300):

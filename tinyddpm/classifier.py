@@ -30,9 +30,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,6 +40,7 @@ import autograd
 import autograd.functional as F
 from autograd import Tensor, backend, nn, optim
 
+from .arrayfile import ArrayFile, ArrayFileError, write_atomically
 from .data import load_mnist
 
 __all__ = [
@@ -51,7 +50,6 @@ __all__ = [
     "FEATURE_DIM",
     "sidecar_path",
     "file_sha256",
-    "atomic_write",
     "load_classifier",
     "save_classifier",
     "classify",
@@ -70,6 +68,10 @@ DEFAULT_WEIGHTS = Path(__file__).parent / "assets" / "classifier.npz"
 DEFAULT_EPOCHS = 4
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_LR = 1e-3
+
+# The weights are 0.79 MB; a file much larger is not a classifier of this
+# network, and it is read whole (to hash it) before anything else is checked.
+MAX_WEIGHTS_BYTES = 16 * 2**20
 
 
 class ClassifierError(RuntimeError):
@@ -150,19 +152,6 @@ def file_sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def atomic_write(path, write):
-    """Write through a temporary file and rename it, so a crash leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def save_classifier(model, path, info):
     """Write the weights (float32 .npz) and the sidecar; returns the sidecar's dict.
 
@@ -171,7 +160,7 @@ def save_classifier(model, path, info):
     """
     path = Path(path)
     state = {name: backend.to_numpy(a).astype(np.float32) for name, a in model.state_dict().items()}
-    atomic_write(path, lambda f: np.savez(f, **state))
+    write_atomically(path, lambda f: np.savez(f, **state))
     meta = {
         "file": path.name,
         "sha256": file_sha256(path),
@@ -180,7 +169,7 @@ def save_classifier(model, path, info):
         **info,
     }
     text = json.dumps(meta, indent=2) + "\n"
-    atomic_write(sidecar_path(path), lambda f: f.write(text.encode()))
+    write_atomically(sidecar_path(path), lambda f: f.write(text.encode()))
     return meta
 
 
@@ -194,6 +183,9 @@ def load_classifier(path=None, device="cpu"):
     path = Path(path) if path is not None else DEFAULT_WEIGHTS
     side = sidecar_path(path)
     try:
+        if path.stat().st_size > MAX_WEIGHTS_BYTES:
+            raise ClassifierError(f"classifier weights {path} are {path.stat().st_size:,} bytes; this "
+                                  f"network's are under 1 MB (at most {MAX_WEIGHTS_BYTES:,} are read)")
         raw = path.read_bytes()
         meta = json.loads(side.read_text())
     except FileNotFoundError as exc:
@@ -210,11 +202,16 @@ def load_classifier(path=None, device="cpu"):
             f"records {str(expected)[:16]}...: the file was altered or damaged; "
             "reinstall tinyddpm or retrain with `tinyddpm train-classifier`")
     model = MNISTClassifier()
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     try:
-        with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
-            model.load_state_dict({k: npz[k] for k in npz.files})
-    except ValueError as exc:
-        raise ClassifierError(f"classifier weights {path} do not fit the network: {exc}") from None
+        with ArrayFile(io.BytesIO(raw)) as f:
+            found = {name: info.shape for name, info in f.entries.items() if info.dtype == np.float32}
+            if found != expected:
+                raise ClassifierError(f"classifier weights {path} do not fit the network: they are not "
+                                      "float32 arrays of its parameters' names and shapes")
+            model.load_state_dict({name: f.read(name) for name in expected})
+    except ArrayFileError as exc:
+        raise ClassifierError(f"classifier weights {path} are not a readable .npz: {exc}") from None
     return model.to(device).eval(), meta
 
 

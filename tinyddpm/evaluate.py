@@ -34,10 +34,10 @@ noise). `tinyddpm train-classifier` retrains the feature network.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 import warnings
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +45,8 @@ import scipy.linalg
 from scipy import special
 
 from . import classifier as clf
-from .data import MNISTFormatError, MNISTNotFoundError, cache_dir, load_mnist
+from .arrayfile import ArrayFile, ArrayFileError, write_atomically
+from .data import PIXEL_TO_UNIT, MNISTFormatError, MNISTNotFoundError, cache_dir, load_mnist
 
 __all__ = [
     "SamplesError",
@@ -53,9 +54,13 @@ __all__ = [
     "gaussian_stats",
     "inception_score",
     "images_from_array",
+    "SamplesFile",
     "load_samples",
     "reference_statistics",
     "score_images",
+    "score_outputs",
+    "GaussianFit",
+    "score_samples_file",
     "calibration_table",
     "add_eval_arguments",
     "run_eval",
@@ -177,97 +182,201 @@ def inception_score(probs, splits=1):
 # Reading samples
 # =============================================================================
 
+# A samples file is read, converted and classified BLOCK images at a time,
+# so memory follows the block, not the file. At most MAX_SAMPLES per call
+# (10x the 10,000 that FID is conventionally taken on): a bound on one call's
+# time and on what is kept whole, the class probabilities (80 bytes a sample).
+MAX_SAMPLES = 100_000
+BLOCK = 1000
+
+
+def _layout(shape):
+    """The name of an accepted image layout, from an array's shape; SamplesError for any other."""
+    if len(shape) == 3 and shape[1:] == IMAGE_SHAPE:
+        return "(N, 28, 28)"
+    if len(shape) == 4 and shape[1:] == (1,) + IMAGE_SHAPE:
+        return "(N, 1, 28, 28)"
+    if len(shape) == 4 and shape[1:] == IMAGE_SHAPE + (1,):
+        return "(N, 28, 28, 1)"            # improved-diffusion's and guided-diffusion's NHWC
+    channels = ""
+    if len(shape) == 4 and (shape[1:3] == IMAGE_SHAPE or shape[2:] == IMAGE_SHAPE):
+        channels = ": MNIST samples have 1 channel"
+    raise SamplesError("expected images of shape (N, 28, 28), (N, 1, 28, 28) or (N, 28, 28, 1), "
+                       f"got {tuple(shape)}{channels}")
+
+
+def _check_count(n):
+    if n == 0:
+        raise SamplesError("holds no images")
+    if n < 2:
+        raise SamplesError("holds 1 image; FID fits a covariance and needs at least 2")
+    if n > MAX_SAMPLES:
+        raise SamplesError(f"holds {n:,} images; eval scores at most {MAX_SAMPLES:,} per call "
+                           "(split the file)")
+
+
+def _pixel_format(dtype, blocks):
+    """How the values are stored: "uint8 [0, 255]", "float [0, 1]" or "float [-1, 1]".
+
+    Floats are told apart by their range (one pass over `blocks`): a float
+    array with no negative value is read as [0, 1], since real digits in
+    [-1, 1] always have a background of -1.
+    """
+    if dtype == np.uint8:
+        return "uint8 [0, 255]"
+    if dtype.kind != "f":
+        # An int array of 0/1 could be binary images or the darkest shades of
+        # 0..255: there is no safe guess, so the user says it with a dtype.
+        raise SamplesError(f"dtype {dtype} is not supported: save uint8 pixels 0..255 "
+                           "or floats in [-1, 1] or [0, 1]")
+    lo, hi, bad = math.inf, -math.inf, 0
+    for block in blocks:
+        finite = np.isfinite(block)
+        bad += block.size - int(finite.sum())
+        if finite.any():
+            lo, hi = min(lo, float(block[finite].min())), max(hi, float(block[finite].max()))
+    if bad:
+        raise SamplesError(f"{bad} values are NaN or infinite")
+    if lo >= 0.0 and hi <= 1.0 + RANGE_TOLERANCE:
+        return "float [0, 1]"
+    if lo >= -1.0 - RANGE_TOLERANCE and hi <= 1.0 + RANGE_TOLERANCE:
+        return "float [-1, 1]"
+    raise SamplesError(f"values span [{lo:.4g}, {hi:.4g}]: floats must lie in [-1, 1] or "
+                       "[0, 1] (save 0..255 pixels as uint8)")
+
+
+def _to_model_range(block, kind):
+    """A block of images as float32 (B, 1, 28, 28) in [-1, 1], the scale the classifier saw in training."""
+    if kind.startswith("uint8"):
+        images = PIXEL_TO_UNIT[block]           # exactly what load_mnist makes of these bytes
+    else:
+        # Every float format goes through [0, 1] in float64, so the same picture gives the
+        # same float32 input whichever way it was saved.
+        x = block.astype(np.float64)                 # one copy of the block, then in place
+        if kind == "float [-1, 1]":
+            x += 1.0
+            x /= 2.0
+        np.clip(x, 0.0, 1.0, out=x)
+        x *= 2.0
+        x -= 1.0
+        images = x.astype(np.float32)
+    return images.reshape(len(block), 1, *IMAGE_SHAPE)
+
+
 def images_from_array(array):
     """A user's images as float32 (N, 1, 28, 28) in [-1, 1], plus their detected format.
 
-    Accepted: shape (N, 28, 28) or (N, 1, 28, 28), N >= 1, and values that are
-    uint8 0..255, or floats in [-1, 1] or in [0, 1]. A float array with no
-    negative value is read as [0, 1] (real digits in [-1, 1] always have a
-    background of -1). Anything else raises SamplesError with the reason.
+    Accepted: shape (N, 28, 28), (N, 1, 28, 28) or (N, 28, 28, 1), 2 <= N <=
+    MAX_SAMPLES, and values that are uint8 0..255, or floats in [-1, 1] or in
+    [0, 1]. Anything else raises SamplesError with the reason.
     """
     a = np.asarray(array)
-    shape = tuple(a.shape)
-    if a.ndim == 3 and shape[1:] == IMAGE_SHAPE:
-        layout = "(N, 28, 28)"
-    elif a.ndim == 4 and shape[1:] == (1,) + IMAGE_SHAPE:
-        layout = "(N, 1, 28, 28)"
-    else:
-        raise SamplesError(f"expected images of shape (N, 28, 28) or (N, 1, 28, 28), got {shape}")
-    if shape[0] == 0:
-        raise SamplesError(f"the array holds no images (shape {shape})")
-
-    if a.dtype == np.uint8:
-        kind = "uint8 [0, 255]"
-        unit = a.astype(np.float64) / 255.0
-    elif a.dtype.kind == "f":
-        finite = np.isfinite(a)
-        if not finite.all():
-            raise SamplesError(f"{a.size - int(finite.sum())} values are NaN or infinite")
-        lo, hi = float(a.min()), float(a.max())
-        if lo >= 0.0 and hi <= 1.0 + RANGE_TOLERANCE:
-            kind = "float [0, 1]"
-            unit = a.astype(np.float64)
-        elif lo >= -1.0 - RANGE_TOLERANCE and hi <= 1.0 + RANGE_TOLERANCE:
-            kind = "float [-1, 1]"
-            unit = (a.astype(np.float64) + 1.0) / 2.0
-        else:
-            raise SamplesError(f"values span [{lo:.4g}, {hi:.4g}]: floats must lie in [-1, 1] or "
-                               "[0, 1] (save 0..255 pixels as uint8)")
-    else:
-        # An int array of 0/1 could be binary images or the darkest shades of
-        # 0..255: there is no safe guess, so the user says it with a dtype.
-        raise SamplesError(f"dtype {a.dtype} is not supported: save uint8 pixels 0..255 "
-                           "or floats in [-1, 1] or [0, 1]")
-    # Map every format through [0, 1] in float64, so the same picture gives the
-    # same float32 input whichever way it was saved.
-    images = (np.clip(unit, 0.0, 1.0) * 2.0 - 1.0).astype(np.float32)
-    return images.reshape(shape[0], 1, *IMAGE_SHAPE), f"{kind} {layout}"
+    layout = _layout(a.shape)
+    _check_count(len(a))
+    blocks = [a[start:start + BLOCK] for start in range(0, len(a), BLOCK)]
+    kind = _pixel_format(a.dtype, blocks)
+    return np.concatenate([_to_model_range(b, kind) for b in blocks]), f"{kind} {layout}"
 
 
-def _open_npz(path):
-    """np.load of a user's file, its failures turned into SamplesError."""
-    path = Path(path)
-    if not path.is_file():
-        raise SamplesError(f"{path}: no such file")
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise SamplesError(f"{path}: not a readable .npz or .npy file ({exc})") from None
+class SamplesFile:
+    """A samples file (.npz or .npy), checked from its headers; the images are read block by block.
 
+    Accepted layouts: tinyddpm's own (`samples`, plus `labels` (N,) when the
+    samples were drawn for given digits), improved-diffusion's and
+    guided-diffusion's (`arr_0` uint8 (N, 28, 28, 1), labels in `arr_1`), or
+    a file holding one array of images under any name.
+    """
 
-def _pick_array(path, loaded):
-    """The samples array of a loaded .npy or .npz: key 'samples', or its only array."""
-    if isinstance(loaded, np.ndarray):
-        return loaded
-    names = loaded.files
-    if "samples" in names:
-        name = "samples"
-    elif len(names) == 1:
-        name = names[0]
-    elif not names:
-        raise SamplesError(f"{path}: the .npz holds no arrays")
-    else:
+    def __init__(self, path):
+        self.path = Path(path)
+        self._kind = None
+        if not self.path.is_file():
+            raise SamplesError(f"{self.path}: no such file")
+        try:
+            self._file = ArrayFile(self.path, allow_npy=True)
+        except ArrayFileError as exc:
+            raise SamplesError(f"{self.path}: not a readable .npz or .npy file ({exc})") from None
+        try:
+            self.images_name, self.labels_name = self._pick_entries(self._file.entries)
+            info = self._file.entries[self.images_name]
+            self.layout = _layout(info.shape)
+            _check_count(info.shape[0])
+            self.n, self.dtype = info.shape[0], info.dtype
+            if info.fortran_order:
+                raise SamplesError("the images are stored in Fortran order; save them with "
+                                   "np.ascontiguousarray")
+            if self.labels_name is not None:
+                labels = self._file.entries[self.labels_name]
+                if labels.shape != (self.n,) or labels.dtype.kind not in "iu":
+                    raise SamplesError(f"{self.labels_name!r} should be {self.n} integer labels, "
+                                       f"is {labels.dtype} {labels.shape}")
+        except SamplesError as exc:
+            self.close()
+            raise SamplesError(f"{self.path}: {exc}") from None
+
+    @staticmethod
+    def _pick_entries(entries):
+        """The names of the images and of the labels (or None), refusing unknown entries unread."""
+        names = list(entries)
+        for images, labels in (("samples", "labels"), ("arr_0", "arr_1")):
+            if images in names:
+                unknown = [n for n in names if n not in (images, labels)]
+                if unknown:
+                    raise SamplesError(f"unknown entries {', '.join(map(repr, unknown[:3]))} beside "
+                                       f"{images!r}: a samples file holds {images!r} and optionally {labels!r}")
+                return images, labels if labels in names else None
+        if len(names) == 1:
+            return names[0], None
+        if not names:
+            raise SamplesError("the .npz holds no arrays")
         shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-        raise SamplesError(f"{path}: holds {len(names)} arrays ({shown}) and none is named "
-                           "'samples'; save the images alone or under the key 'samples'")
-    try:
-        return loaded[name]
-    except ValueError as exc:  # an object array, which allow_pickle=False refuses
-        raise SamplesError(f"{path}: array {name!r} cannot be read without pickle ({exc})") from None
+        raise SamplesError(f"holds {len(names)} arrays ({shown}) and none is named 'samples'; "
+                           "save the images alone or under the key 'samples'")
+
+    def format(self):
+        """The detected pixel format and layout, e.g. "uint8 [0, 255] (N, 28, 28, 1)" (reads the floats once)."""
+        if self._kind is None:
+            try:
+                self._kind = _pixel_format(self.dtype, self._file.read_rows(self.images_name, BLOCK))
+            except (SamplesError, ArrayFileError) as exc:
+                raise SamplesError(f"{self.path}: {exc}") from None
+        return f"{self._kind} {self.layout}"
+
+    def images(self):
+        """The images as float32 blocks (B, 1, 28, 28) in [-1, 1], B <= BLOCK, read one at a time."""
+        self.format()
+        try:
+            for block in self._file.read_rows(self.images_name, BLOCK):
+                yield _to_model_range(block, self._kind)
+        except ArrayFileError as exc:
+            raise SamplesError(f"{self.path}: {exc}") from None
+
+    def labels(self):
+        """The asked-for digits (N,) int64, or None when the file has none."""
+        if self.labels_name is None:
+            return None
+        try:
+            labels = self._file.read(self.labels_name).astype(np.int64)
+        except ArrayFileError as exc:
+            raise SamplesError(f"{self.path}: {exc}") from None
+        if labels.min() < 0 or labels.max() >= clf.NUM_CLASSES:
+            raise SamplesError(f"{self.path}: {self.labels_name!r} holds labels outside 0..9")
+        return labels
+
+    def close(self):
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def load_samples(path):
-    """Read a samples file: (images float32 (N, 1, 28, 28) in [-1, 1], format string)."""
-    loaded = _open_npz(path)
-    try:
-        array = _pick_array(path, loaded)
-    finally:
-        if not isinstance(loaded, np.ndarray):
-            loaded.close()
-    try:
-        return images_from_array(array)
-    except SamplesError as exc:
-        raise SamplesError(f"{path}: {exc}") from None
+    """Read a whole samples file: (images float32 (N, 1, 28, 28) in [-1, 1], format string)."""
+    with SamplesFile(path) as samples:
+        return np.concatenate(list(samples.images())), samples.format()
 
 
 # =============================================================================
@@ -286,13 +395,9 @@ def reference_statistics(model, sha256, data_dir=None, cache=True):
     """
     path = _stats_cache_path(sha256)
     if cache:
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                mu, cov = npz["mu"], npz["cov"]
-            if mu.shape == (clf.FEATURE_DIM,) and cov.shape == (clf.FEATURE_DIM,) * 2:
-                return mu, cov
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-            pass  # missing or damaged: compute it again
+        cached = _read_stats(path)
+        if cached is not None:
+            return cached
     images, _ = load_mnist("test", data_dir)
     features, _ = clf.classify(model, images)
     mu, cov = gaussian_stats(features)
@@ -301,29 +406,109 @@ def reference_statistics(model, sha256, data_dir=None, cache=True):
     return mu, cov
 
 
+def _read_stats(path):
+    """The cached (mean, cov), or None when missing or damaged (it is then computed again)."""
+    expected = {"mu": (clf.FEATURE_DIM,), "cov": (clf.FEATURE_DIM, clf.FEATURE_DIM)}
+    try:
+        with ArrayFile(path) as f:
+            if {name: info.shape for name, info in f.entries.items()} != expected or \
+                    any(info.dtype != np.float64 for info in f.entries.values()):
+                return None
+            return f.read("mu"), f.read("cov")
+    except ArrayFileError:
+        return None
+
+
 def _write_stats(path, mu, cov):
     try:
-        clf.atomic_write(path, lambda f: np.savez(f, mu=mu, cov=cov))
+        write_atomically(path, lambda f: np.savez(f, mu=mu, cov=cov))
     except OSError as exc:
         # The cache only saves a few seconds; a read-only home must not stop an evaluation.
         print(f"warning: could not write the FID statistics cache {path}: {exc}", file=sys.stderr)
 
 
-def score_images(images, model, reference):
+def score_images(images, model, reference, labels=None):
     """FID, Inception Score, confidence and class counts of images (N, 1, 28, 28) in [-1, 1].
 
     reference: (mean, cov) of the real digits, from `reference_statistics`.
+    labels: the digits the images were drawn for, if any (see `score_outputs`).
     """
     features, probs = clf.classify(model, images)
-    mu, cov = gaussian_stats(features)
+    return score_outputs(gaussian_stats(features), probs, reference, labels)
+
+
+def score_outputs(stats, probs, reference, labels=None):
+    """The scores of `score_images`, from the (mean, cov) of the classifier's features and its
+    probabilities (N, 10).
+
+    With labels (N,), the digits asked for, also label_accuracy: the fraction
+    of samples that the classifier assigns to their label, overall and per
+    digit (None for a digit no sample asked for).
+    """
     predicted = probs.argmax(axis=1)
-    return {
-        "fid": frechet_distance(mu, cov, *reference),
+    try:
+        fid = frechet_distance(*stats, *reference)
+    except ValueError as exc:       # no usable matrix square root, even regularized
+        raise SamplesError(f"cannot compute the FID of these samples: {exc}") from None
+    result = {
+        "fid": fid,
         "inception_score": inception_score(probs)[0],
         "confidence": float(probs.max(axis=1).mean()),
         "class_histogram": np.bincount(predicted, minlength=clf.NUM_CLASSES).tolist(),
-        "n": int(len(images)),
+        "n": int(len(probs)),
     }
+    if labels is not None:
+        hits = predicted == labels
+        result["label_accuracy"] = float(hits.mean())
+        result["label_accuracy_per_digit"] = [float(hits[labels == k].mean()) if (labels == k).any() else None
+                                              for k in range(clf.NUM_CLASSES)]
+    return result
+
+
+class GaussianFit:
+    """The mean and unbiased covariance of feature vectors that arrive a block at a time.
+
+    Memory stays at one (D, D) matrix however many vectors come. Each block's
+    own mean and scatter are merged into the running ones (the pairwise update
+    of Chan, Golub and LeVeque 1979), which keeps the precision of a two-pass
+    computation instead of the cancellation of summing x and x x^T.
+    """
+
+    def __init__(self, dim):
+        self.n = 0
+        self.mean = np.zeros(dim)
+        self.scatter = np.zeros((dim, dim))     # sum of (x - mean)(x - mean)^T
+
+    def add(self, block):
+        k = len(block)
+        block_mean = block.mean(axis=0)
+        centered = block - block_mean
+        delta = block_mean - self.mean
+        total = self.n + k
+        self.scatter += centered.T @ centered + np.outer(delta, delta) * (self.n * k / total)
+        self.mean += delta * (k / total)
+        self.n = total
+
+    def stats(self):
+        """(mean (D,), covariance (D, D)), as gaussian_stats gives them for all the vectors at once."""
+        return self.mean, self.scatter / (self.n - 1)
+
+
+def score_samples_file(samples, model, reference, progress=None):
+    """The scores of an open SamplesFile, read, converted and classified a block at a time.
+
+    Only the class probabilities (80 bytes a sample) are kept whole, for the
+    Inception Score; the features go into a GaussianFit. progress(k) is
+    called after each block of k images.
+    """
+    fit, probs = GaussianFit(clf.FEATURE_DIM), []
+    for block in samples.images():
+        features, block_probs = clf.classify(model, block)
+        fit.add(features)
+        probs.append(block_probs)
+        if progress is not None:
+            progress(len(block))
+    return score_outputs(fit.stats(), np.concatenate(probs), reference, samples.labels())
 
 
 # =============================================================================
@@ -386,8 +571,10 @@ def add_eval_arguments(parser):
     parser.add_argument("path", nargs="?", metavar="CHECKPOINT",
                         help="a checkpoint to sample from (a samples .npz works too, as with --samples)")
     parser.add_argument("--samples", metavar="FILE.npz",
-                        help="score saved images: (N, 28, 28) or (N, 1, 28, 28), uint8 0..255 or "
-                             "floats in [-1, 1] or [0, 1], under the key 'samples' or as the only array")
+                        help=f"score saved images, 2 to {MAX_SAMPLES:,}: (N, 28, 28), (N, 1, 28, 28) or "
+                             "(N, 28, 28, 1), uint8 0..255 or floats in [-1, 1] or [0, 1], under the key "
+                             "'samples' (digits asked for, if any, in 'labels'), 'arr_0' (labels in "
+                             "'arr_1', as improved-diffusion saves them) or as the only array")
     parser.add_argument("--calibrate", action="store_true",
                         help="print FID/IS of real, noisy, blurred and random images (docs/evaluation.md)")
     parser.add_argument("--classifier", metavar="PATH", default=None,
@@ -398,8 +585,8 @@ def add_eval_arguments(parser):
                         help="where the networks run (default cpu)")
     sampling = parser.add_argument_group("evaluating a checkpoint")
     sampling.add_argument("--n", type=int, default=None,
-                          help=f"samples to draw (default {DEFAULT_N['cuda']:,} on cuda, "
-                               f"{DEFAULT_N['cpu']:,} on cpu)")
+                          help=f"samples to draw, at most {MAX_SAMPLES:,} (default {DEFAULT_N['cuda']:,} "
+                               f"on cuda, {DEFAULT_N['cpu']:,} on cpu)")
     sampling.add_argument("--steps", type=int, default=None,
                           help="reverse steps, respaced (default: all T for ancestral, 50 for ddim)")
     sampling.add_argument("--sampler", choices=("ancestral", "ddim"), default="ancestral",
@@ -431,8 +618,10 @@ def _check_eval_args(args):
                                ("--batch-size", args.batch_size, 1), ("--bpd-n", args.bpd_n, 1)):
         if value is not None and value < least:
             raise _UsageError(f"{flag} must be >= {least}, got {value}")
-    if args.eta < 0:
-        raise _UsageError(f"--eta must be >= 0, got {args.eta}")
+    if args.n is not None and args.n > MAX_SAMPLES:
+        raise _UsageError(f"--n must be at most {MAX_SAMPLES:,} per call, got {args.n:,}")
+    if not (math.isfinite(args.eta) and args.eta >= 0):
+        raise _UsageError(f"--eta must be a finite number >= 0, got {args.eta}")
     if args.device == "cuda":
         from autograd import backend
         reason = backend.cuda_unavailable_reason()
@@ -450,33 +639,80 @@ def run_eval(args):
     except _UsageError as exc:
         print(f"tinyddpm eval: error: {exc}", file=sys.stderr)
         return 2
+    samples = None
     try:
-        # The input first: a mistyped path should not wait for the classifier.
+        # The input first: a mistyped path or a bad file should not wait for the classifier.
         is_checkpoint = path is not None and _is_checkpoint(path)
         if is_checkpoint and args.samples is not None:
             raise SamplesError(f"{path}: is a checkpoint, not samples; pass it without --samples")
         if path is not None and args.bpd and not is_checkpoint:
             raise SamplesError(f"{path}: --bpd needs a checkpoint, and this is a samples file")
+        if path is not None and not is_checkpoint:
+            samples = SamplesFile(path)
+            fmt = samples.format()
         model, meta = clf.load_classifier(args.classifier, device=args.device)
         if args.calibrate:
             print(_format_calibration(calibration_table(model, meta["sha256"], data_dir=args.data_dir)))
             return 0
+        reference = reference_statistics(model, meta["sha256"], args.data_dir)
         if is_checkpoint:
             images, fmt, extra = _sample_checkpoint(path, args)
+            result = score_images(images, model, reference)
         else:
-            images, fmt = load_samples(path)
+            progress = Progress("scored", "sample", total=samples.n)
+            try:
+                result = score_samples_file(samples, model, reference, progress)
+            finally:
+                progress.close()
             extra = {}
-        reference = reference_statistics(model, meta["sha256"], args.data_dir)
-        result = score_images(images, model, reference)
     except (SamplesError, CheckpointError, clf.ClassifierError, MNISTFormatError,
             MNISTNotFoundError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"tinyddpm eval: error: {message}", file=sys.stderr)
         return 1
+    finally:
+        if samples is not None:
+            samples.close()
     result.update(format=fmt, **extra, classifier_sha256=meta["sha256"],
                   reference="MNIST test digits (10,000)")
     print(json.dumps(result))
     return 0
+
+
+# How often a long evaluation says it is still working when stderr is a log, not a terminal.
+PROGRESS_SECONDS = 30.0
+
+
+class Progress:
+    """Progress of a long loop: a tqdm bar on a terminal, else a line on stderr every PROGRESS_SECONDS.
+
+    Called with the number of units just done.
+    """
+
+    def __init__(self, what, unit, total=None):
+        self.what, self.unit, self.total = what, unit, total
+        self.count = 0
+        self.start = self.last = time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(desc=what, total=total, unit=unit, file=sys.stderr, dynamic_ncols=True)
+
+    def __call__(self, done=1):
+        self.count += done
+        if self.bar is not None:
+            self.bar.update(done)
+            return
+        now = time.perf_counter()
+        if now - self.last >= PROGRESS_SECONDS:
+            self.last = now
+            of = f" of {self.total:,}" if self.total is not None else ""
+            print(f"tinyddpm eval: {self.what} {self.count:,}{of} {self.unit}s, "
+                  f"{now - self.start:.0f} s so far", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
 
 
 # =============================================================================
@@ -491,21 +727,15 @@ DEFAULT_BPD_N = {"cuda": 1000, "cpu": 20}
 
 
 def _is_checkpoint(path):
-    """True when `path` is an .npz with the entries every tinyddpm checkpoint has."""
+    """True when `path` is an .npz with the entries every tinyddpm checkpoint has (from the headers)."""
     from .checkpoint import REQUIRED
-    loaded = _open_npz(path)
-    if isinstance(loaded, np.ndarray):
-        return False
-    with loaded:
-        return all(key in loaded.files for key in REQUIRED)
-
-
-def _progress_bar(desc):
-    """A tqdm bar on an interactive terminal, else nothing (logs stay clean)."""
-    if not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-    return tqdm(desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+    if not Path(path).is_file():
+        raise SamplesError(f"{path}: no such file")
+    try:
+        with ArrayFile(path, allow_npy=True) as f:
+            return all(key in f.entries for key in REQUIRED)
+    except ArrayFileError:
+        return False     # SamplesFile then says what is wrong with it
 
 
 def _sample_checkpoint(path, args):
@@ -514,17 +744,16 @@ def _sample_checkpoint(path, args):
 
     n = args.n if args.n is not None else DEFAULT_N[args.device]
     batch = args.batch_size if args.batch_size is not None else DEFAULT_BATCH[args.device]
-    bar = _progress_bar("sampling")
+    progress = Progress("sampling:", "reverse step")
     start = time.perf_counter()
     try:
         result = sample_checkpoint(path, n, steps=args.steps, sampler=args.sampler, eta=args.eta,
                                    seed=args.seed, batch_size=batch, device=args.device,
-                                   progress=bar.update if bar else None)
+                                   progress=progress)
     except ValueError as exc:  # what only the checkpoint can tell, e.g. --steps above its T
         raise SamplesError(f"{path}: {exc}") from None
     finally:
-        if bar is not None:
-            bar.close()
+        progress.close()
     extra = {"checkpoint": str(path), "checkpoint_step": result.step, "sampler": args.sampler,
              "steps": result.steps, "seed": args.seed, "device": args.device,
              "sampling_seconds": round(time.perf_counter() - start, 1)}

@@ -61,7 +61,7 @@ from tinyddpm import schedule
 from tinyddpm.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from tinyddpm.config import TrainConfig
 from tinyddpm.data import load_mnist
-from tinyddpm.guidance import NUM_DIGITS, Guided, balanced_labels, drop_labels
+from tinyddpm.guidance import Guided, balanced_labels, drop_labels
 from tinyddpm.diffusion import GaussianDiffusion
 from tinyddpm.images import save_grid
 from tinyddpm.progress import duration
@@ -90,8 +90,7 @@ class RunError(Exception):
 def build_model(config, seed=0):
     """The UNet of `config.preset` (class-conditional with config.class_cond), initialized
     from `seed`, on the host."""
-    return UNet(**config.unet_kwargs(), num_classes=NUM_DIGITS if config.class_cond else None,
-                rng=np.random.default_rng([seed, INIT_STREAM]))
+    return UNet(**config.unet_kwargs(), rng=np.random.default_rng([seed, INIT_STREAM]))
 
 
 def build_diffusion(config):

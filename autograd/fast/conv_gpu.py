@@ -28,7 +28,7 @@ import numpy as np
 from .. import backend
 from ..backend import get_array_module
 from ..kernels.conv import output_size
-from .cuda import cuda_kernel, elementwise, gemm
+from .cuda import cuda_kernel, gemm
 
 _GPU_SOURCE = r"""
 // Grid (pixel blocks, C, n): thread (p, c, b) reads the kh x kw window of output
