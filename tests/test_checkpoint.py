@@ -370,7 +370,8 @@ def test_a_checkpoint_saved_with_log_every_0_loads_and_resumes_with_a_new_value(
     stale = dict(CONFIG.to_dict(), log_every=0, sample_n=10**8)
     save_checkpoint(tmp_path / "checkpoint.npz", *state, 42, RNG_STATE, stale)
     assert load_checkpoint(tmp_path / "checkpoint.npz").config.log_every == 0
-    with pytest.raises(ConfigError, match="log_every: must be >= 1, got 0"):
+    with pytest.raises(ConfigError, match=r"log_every: must be >= 1, got 0 \(the checkpoint's value; "
+                                          r"pass --log-every to continue with another\)"):
         train.prepare_run({}, tmp_path, resume=True)
     # A stand-in for the training set: only the checks before training matter here.
     monkeypatch.setattr(train, "load_mnist", lambda *a, **k: (np.zeros((100, 1, 28, 28), np.float32), None))

@@ -429,3 +429,22 @@ def test_a_bad_tinyddpm_processes_is_one_line(tmp_path, monkeypatch, capsys):
     assert run(tmp_path) == 1
     err = capsys.readouterr().err
     assert err == "tinyddpm train: error: TINYDDPM_PROCESSES must be an integer >= 1, got 'abc'\n"
+
+
+def test_a_failed_save_stops_in_one_line_naming_the_intact_step_and_the_resume_command(tmp_path, monkeypatch,
+                                                                                          capsys):
+    import errno
+    real_save, calls = train_module.save_checkpoint, []
+
+    def save(path, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(path, *args)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save)
+    assert run(tmp_path, "--save-every", "1") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err
+    assert f"resume with: tinyddpm train --resume --out {tmp_path}" in err
+    assert arrays(tmp_path / "checkpoint.npz")["step"] == 1

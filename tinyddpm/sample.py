@@ -140,6 +140,10 @@ def sample_checkpoint(checkpoint_path, n, steps=None, sampler="ancestral", eta=0
         steps = diffusion.T if sampler == "ancestral" else min(DDIM_DEFAULT_STEPS, diffusion.T)
     if not 1 <= steps <= diffusion.T:
         raise SampleError(f"steps must be between 1 and T = {diffusion.T}, got {steps}")
+    try:
+        diffusion.respace(steps)
+    except ValueError as exc:          # a long chain cut to very few steps: a beta reaches 1
+        raise SampleError(f"{steps} respaced steps of this chain do not work ({exc}); take more") from None
     batch_size = min(n, DEFAULT_BATCH_SIZE) if batch_size is None else batch_size
     if batch_size < 1:
         raise SampleError(f"batch size must be >= 1, got {batch_size}")

@@ -58,8 +58,8 @@ import autograd
 from autograd import backend, nn
 from autograd.optim import EMA, Adam, clip_grad_norm
 from tinyddpm import schedule
-from tinyddpm.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from tinyddpm.config import TrainConfig
+from tinyddpm.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from tinyddpm.config import ConfigError, TrainConfig
 from tinyddpm.data import load_mnist
 from tinyddpm.guidance import Guided, balanced_labels, drop_labels
 from tinyddpm.diffusion import GaussianDiffusion
@@ -188,7 +188,13 @@ def prepare_run(options, out_dir, resume=False):
             raise RunError(f"{out_dir} already holds a run ({CHECKPOINT}); add --resume to continue it, "
                            "or choose another --out")
         config = TrainConfig.for_device(**options)
-    config.validate()
+    try:
+        config.validate()
+    except ConfigError as exc:
+        if resume and exc.field not in options:
+            raise ConfigError(exc.field, f"{exc.message} (the checkpoint's value; pass "
+                                         f"--{exc.field.replace('_', '-')} to continue with another)") from None
+        raise
     if checkpoint is not None and config.steps < checkpoint.step:
         raise RunError(f"--steps {config.steps} is below the {checkpoint.step} steps the checkpoint has "
                        "already taken; ask for more steps to extend the run")
@@ -448,11 +454,17 @@ def _train_loop(plan, reporter, model, params, optimizer, ema, diffusion, batche
     def save(step, rng_state):
         # A step that left a weight infinite or NaN (a learning rate far too large) is not
         # saved over the last good checkpoint: it would only resume into the same state.
-        bad = next((name for name, p in model.named_parameters()
-                    if not bool(p.xp.isfinite(p.data).all())), None)
+        named = list(model.named_parameters()) + [(f"{name} (EMA)", p) for (name, _), p in
+                                                  zip(model.named_parameters(), _ema_tensors(ema))]
+        bad = next((name for name, p in named if not bool(p.xp.isfinite(p.data).all())), None)
         if bad is not None:
             return _diverged(f"weight {bad}", "not finite", step, out, saved["step"], after=True)
-        save_checkpoint(out / CHECKPOINT, model, ema, optimizer, step, rng_state, config)
+        try:
+            save_checkpoint(out / CHECKPOINT, model, ema, optimizer, step, rng_state, config)
+        except (CheckpointError, OSError) as exc:
+            # The message names the file and the step that is still intact, if any.
+            resume = f"; resume with: {resume_command(out)}" if saved["step"] is not None else ""
+            return TrainResult("failed", step, f"stopped: {exc}{resume}", 1)
         saved["step"] = step
         return None
 
@@ -554,6 +566,11 @@ def _diverged(what, value, step, out, saved_step, after=False):
     when = "after" if after else "at"
     return TrainResult("diverged", step - 1, f"stopped: the {what} is {value} {when} step {step}; nothing saved, "
                                              f"{kept}. Try a lower --lr or --grad-clip", 1)
+
+
+def _ema_tensors(ema):
+    """The EMA's averaged weights as Tensors, for the checks that take named parameters."""
+    return [autograd.Tensor(s) for s in ema.shadow]
 
 
 def _worker_lost(exc, step, out):
