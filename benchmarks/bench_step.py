@@ -298,7 +298,8 @@ def memory_child(impl, which, preset, batch, device, threads, split):
                               else tinyddpm_steps(preset, batch, device))
     fn = train if which == "train" else sample
     sync = sync or (lambda: None)
-    fn.split.model.train(which == "train")
+    if impl != "torch":
+        fn.split.model.train(which == "train")
     pool = backend.cupy.get_default_memory_pool() if (device == "cuda" and impl != "torch") else None
     if pool is not None:
         pool.free_all_blocks()

@@ -476,16 +476,17 @@ def _train_loop(plan, reporter, model, params, optimizer, ema, diffusion, batche
                   f"parameters) on {device}: steps {start + 1}..{config.steps} at batch {config.batch_size}, "
                   f"writing to {out}")
     reporter.begin(start, config.steps)
+    finished = None
     try:
         with StopRequest() as stop, nn.batch_parallel(model) as net:
             processes = getattr(net, "processes", 1)
             note = _processes_note(stored_rng, processes)
             if note:
                 reporter.note(note)
+            # The random state that goes with the weights of `step`, should a later step fail.
+            finished = _rng_state(batches, noise_rng, device, processes)
             while step < config.steps:
                 began = time.perf_counter()
-                # What the checkpoint of the last finished step holds, should this step fail.
-                at_step_start = _rng_state(batches, noise_rng, device, processes)
                 # Algorithm 1: x_0 from the data; the loss draws t and eps and returns
                 # || eps - eps_theta(sqrt(a_bar_t) x_0 + sqrt(1 - a_bar_t) eps, t) ||^2.
                 images, digits = batches.next()
@@ -495,13 +496,8 @@ def _train_loop(plan, reporter, model, params, optimizer, ema, diffusion, batche
                     labels = drop_labels(backend.to_device(digits, device), config.p_uncond, noise_rng)
                 optimizer.lr = learning_rate(config, step + 1)
                 optimizer.zero_grad()
-                try:
-                    loss = diffusion.loss(net, x0, noise_rng, labels=labels, **loss_weighting(config))
-                    loss.backward()
-                except nn.BatchParallelError as exc:
-                    # Nothing was updated yet: the state of the last finished step is whole.
-                    failed = save(step, at_step_start) if saved["step"] != step else None
-                    return failed or _worker_lost(exc, step, out)
+                loss = diffusion.loss(net, x0, noise_rng, labels=labels, **loss_weighting(config))
+                loss.backward()
                 # Reading the loss on the host waits for the GPU. Read only once the backward is
                 # queued, so the device never idles while Python queues it; a NaN has then made
                 # NaN gradients, and nothing is updated before the checks below. The total norm
@@ -517,6 +513,7 @@ def _train_loop(plan, reporter, model, params, optimizer, ema, diffusion, batche
                 ema.decay = ema_decay(config, step + 1)
                 ema.update()
                 step += 1
+                finished = _rng_state(batches, noise_rng, device, processes)
 
                 seconds = time.perf_counter() - began
                 elapsed += seconds
@@ -532,7 +529,7 @@ def _train_loop(plan, reporter, model, params, optimizer, ema, diffusion, batche
                     interval = dict.fromkeys(interval, 0.0)
 
                 if stop or step == config.steps or (config.save_every and step % config.save_every == 0):
-                    failed = save(step, _rng_state(batches, noise_rng, device, processes))
+                    failed = save(step, finished)
                     if failed:
                         return failed
                 if stop:
@@ -540,9 +537,15 @@ def _train_loop(plan, reporter, model, params, optimizer, ema, diffusion, batche
                 if config.sample_every and step % config.sample_every == 0 and step != config.steps:
                     preview(step, stop)
                     if stop:            # Ctrl-C during the preview: save this step, train no more
-                        failed = save(step, _rng_state(batches, noise_rng, device, processes))
-                        return failed or _interrupted(stop.signum, step, out)
+                        return save(step, finished) or _interrupted(stop.signum, step, out)
             preview(step, stop)
+    except nn.BatchParallelError as exc:
+        if finished is None:        # refused before any step (TINYDDPM_PROCESSES=abc): one line
+            raise
+        # A worker process failed or died. Nothing of the step it was in was applied, so
+        # the weights and `finished` are the last finished step, whole: save them.
+        failed = save(step, finished) if saved["step"] != step else None
+        return failed or _worker_lost(exc, step, out)
     finally:
         reporter.end()
         metrics_file.close()

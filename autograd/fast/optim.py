@@ -28,7 +28,7 @@ plain loop.
 import math
 
 from .. import backend
-from ..optim import adam_update as plain_adam, clip_grad_norm as plain_clip, ema_update as plain_ema
+from ..optim import clip_grad_norm as plain_clip, ema_update as plain_ema
 from .cuda import elementwise
 
 # None: flat on a GPU, loops on a CPU; True or False: always or never (tests set it).
@@ -50,23 +50,28 @@ def use_flat(arrays):
 # =============================================================================
 
 def adam_update(params, ms, vs, lr, betas, eps, weight_decay, t):
+    b1, b2 = betas
+    # Both bias corrections folded into one step size, lr sqrt(1-b2^t) / (1-b1^t), and eps
+    # scaled to match: lr m_hat / (sqrt(v_hat) + eps) without the m_hat and v_hat temporaries.
+    c1, c2 = 1 - b1 ** t, 1 - b2 ** t
+    step_size, eps_hat = lr * math.sqrt(c2) / c1, eps * math.sqrt(c2)
     datas = [p.data for p in params]
     if not use_flat(datas) or any(_grad_missing(p) for p in params):
-        # A parameter without a gradient is skipped by the loop; a zero gradient in
-        # its place would not do the same (m and v would decay and move it).
-        return plain_adam.plain(params, ms, vs, lr, betas, eps, weight_decay, t)
-    p = flatten_params(params)
-    m, v = flatten_in_place(ms), flatten_in_place(vs)
-    g = gather_grads(params)
-    b1, b2 = betas
+        # One parameter at a time (a CPU; or a parameter without a gradient, which the loop
+        # skips where a zero gradient in its place would still move it).
+        for p, m, v in zip(params, ms, vs):
+            if p.grad is not None:
+                _adam(p.data, p.grad, m, v, b1, b2, step_size, eps_hat, weight_decay)
+        return
+    _adam(flatten_params(params), gather_grads(params), flatten_in_place(ms), flatten_in_place(vs),
+          b1, b2, step_size, eps_hat, weight_decay)
+
+
+def _adam(p, g, m, v, b1, b2, step_size, eps_hat, weight_decay):
     cast = p.dtype.type
-    # Both bias corrections folded into one step size, lr sqrt(1-b2^t) / (1-b1^t),
-    # and eps scaled to match: lr m_hat / (sqrt(v_hat) + eps) with no temporaries.
-    c1, c2 = 1 - b1 ** t, 1 - b2 ** t
     if weight_decay:
         g = g + cast(weight_decay) * p
-    _adam_flat(p, g, m, v, cast(b1), cast(1 - b1), cast(b2), cast(1 - b2),
-               cast(lr * math.sqrt(c2) / c1), cast(eps * math.sqrt(c2)))
+    _adam_flat(p, g, m, v, cast(b1), cast(1 - b1), cast(b2), cast(1 - b2), cast(step_size), cast(eps_hat))
 
 
 def ema_update(shadows, params, decay):
@@ -95,7 +100,7 @@ def _grad_missing(p):
 
 @elementwise
 def _adam_flat(xp):
-    """Adam's update of the flat buffer, in place: one kernel on a GPU."""
+    """Adam's update of one array (the flat buffer of all, on a GPU), in place: one kernel on a GPU."""
     def update(p, g, m, v, b1, one_minus_b1, b2, one_minus_b2, step_size, eps_hat):
         m *= b1
         m += one_minus_b1 * g
