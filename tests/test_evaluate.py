@@ -421,10 +421,10 @@ def test_eval_says_now_and_then_that_it_is_working_when_stderr_is_a_log(tmp_path
     status, out, err = _eval_samples(tmp_path, capsys, monkeypatch, reference, samples=images)
     assert status == 0 and json.loads(out)["n"] == 2500
     lines = err.splitlines()
-    assert [line.split(", ")[0] for line in lines] == [
-        "tinyddpm eval: scored 1,000 of 2,500 samples", "tinyddpm eval: scored 2,000 of 2,500 samples",
-        "tinyddpm eval: scored 2,500 of 2,500 samples"]
-    assert all(line.endswith("s so far") for line in lines)
+    assert [line.split("  ")[0] for line in lines] == [
+        "tinyddpm eval: samples scored: 1000/2500 (40%)", "tinyddpm eval: samples scored: 2000/2500 (80%)",
+        "tinyddpm eval: samples scored: 2500/2500 (100%)"]
+    assert all("elapsed" in line for line in lines)
 
 
 @pytest.mark.parametrize("eta", [float("nan"), float("inf"), -1.0])

@@ -21,21 +21,26 @@ def test_a_log_gets_a_line_at_the_start_then_every_interval_and_at_the_end():
         clock.now += 1                      # one unit a second: a line at 30, 60 and 90 s
     progress.close()
     lines = out.getvalue().splitlines()
-    assert lines[0] == "sampling: 0/100 (0%)"
-    assert [line.split()[1] for line in lines[1:]] == ["31/100", "61/100", "91/100", "100/100"]
+    assert [line.split()[1] for line in lines] == ["31/100", "61/100", "91/100", "100/100"]
     assert lines[-1] == "sampling: 100/100 (100%)  1.0/s  elapsed 1m40s"
-    assert lines[2] == "sampling: 61/100 (61%)  1.0/s  elapsed 1m00s  eta 0m38s"
+    assert lines[1] == "sampling: 61/100 (61%)  1.0/s  elapsed 1m00s  eta 0m38s"
 
 
-def test_a_short_run_logs_its_start_and_end_only_and_an_unknown_total_is_a_count():
+def test_a_short_job_stays_silent_and_an_unknown_total_is_a_count():
     out, clock = io.StringIO(), Clock()
     progress = ProgressLines(None, "sampling", out, every=30, clock=clock)
     for _ in range(5):
         progress()
         clock.now += 1
     progress.close()
-    progress.close()                        # nothing new: no second end line
-    assert out.getvalue().splitlines() == ["sampling: 0", "sampling: 5  1.0/s  elapsed 0m05s"]
+    assert out.getvalue() == ""
+    progress = ProgressLines(None, "sampling", out, every=2, clock=clock)
+    for _ in range(3):
+        progress()
+        clock.now += 1
+    progress.close()
+    progress.close()                        # nothing done since the last line: no end line
+    assert out.getvalue().splitlines() == ["sampling: 3  1.5/s  elapsed 0m02s"]
 
 
 def test_a_terminal_gets_a_bar_and_a_file_gets_lines():

@@ -47,6 +47,7 @@ from scipy import special
 from . import classifier as clf
 from .arrayfile import ArrayFile, ArrayFileError, write_atomically
 from .data import PIXEL_TO_UNIT, MNISTFormatError, MNISTNotFoundError, cache_dir, load_mnist
+from .progress import progress_for
 
 __all__ = [
     "SamplesError",
@@ -659,7 +660,7 @@ def run_eval(args):
             images, fmt, extra = _sample_checkpoint(path, args)
             result = score_images(images, model, reference)
         else:
-            progress = Progress("scored", "sample", total=samples.n)
+            progress = progress_for(samples.n, "tinyddpm eval: samples scored", every=PROGRESS_SECONDS)
             try:
                 result = score_samples_file(samples, model, reference, progress)
             finally:
@@ -681,38 +682,6 @@ def run_eval(args):
 
 # How often a long evaluation says it is still working when stderr is a log, not a terminal.
 PROGRESS_SECONDS = 30.0
-
-
-class Progress:
-    """Progress of a long loop: a tqdm bar on a terminal, else a line on stderr every PROGRESS_SECONDS.
-
-    Called with the number of units just done.
-    """
-
-    def __init__(self, what, unit, total=None):
-        self.what, self.unit, self.total = what, unit, total
-        self.count = 0
-        self.start = self.last = time.perf_counter()
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(desc=what, total=total, unit=unit, file=sys.stderr, dynamic_ncols=True)
-
-    def __call__(self, done=1):
-        self.count += done
-        if self.bar is not None:
-            self.bar.update(done)
-            return
-        now = time.perf_counter()
-        if now - self.last >= PROGRESS_SECONDS:
-            self.last = now
-            of = f" of {self.total:,}" if self.total is not None else ""
-            print(f"tinyddpm eval: {self.what} {self.count:,}{of} {self.unit}s, "
-                  f"{now - self.start:.0f} s so far", file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
 
 
 # =============================================================================
@@ -744,7 +713,7 @@ def _sample_checkpoint(path, args):
 
     n = args.n if args.n is not None else DEFAULT_N[args.device]
     batch = args.batch_size if args.batch_size is not None else DEFAULT_BATCH[args.device]
-    progress = Progress("sampling:", "reverse step")
+    progress = progress_for(None, "tinyddpm eval: reverse steps sampled", every=PROGRESS_SECONDS)
     start = time.perf_counter()
     try:
         result = sample_checkpoint(path, n, steps=args.steps, sampler=args.sampler, eta=args.eta,

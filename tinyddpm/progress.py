@@ -4,9 +4,10 @@
     ...
     progress.close()
 
-A log file (stdout or stderr not a terminal) gets a line when the work starts, then
-one whenever `every` seconds have passed, and one at the end, so that a log
-of a run that takes hours shows it is alive without filling up:
+A log file (stdout or stderr not a terminal) gets a line whenever `every`
+seconds have passed, and one at the end if it got any before (a short job
+stays silent), so that a log of a run that takes hours shows it is alive
+without filling up:
 
     sampling: 3400/10000 (34%)  5.4/s  elapsed 10m29s  eta 20m22s
 """
@@ -31,9 +32,8 @@ class ProgressLines:
         self.last, self.reported = self.start, None
 
     def __call__(self, n=1):
-        if self.reported is None:           # the first line when the work starts, not before
+        if self.done == 0 and self.reported is None:      # the clock starts with the work
             self.start = self.last = self.clock()
-            self._write()
         self.done += n
         now = self.clock()
         if now - self.last >= self.every:
@@ -73,9 +73,9 @@ class _Bar:
         self.bar.close()
 
 
-def progress_for(total, label, stream=None):
+def progress_for(total, label, stream=None, every=30.0):
     """A bar on a terminal, ProgressLines elsewhere; call it per unit of work, close() at the end."""
     stream = stream if stream is not None else sys.stderr
     if stream.isatty():
         return _Bar(total, label, stream)
-    return ProgressLines(total, label, stream)
+    return ProgressLines(total, label, stream, every=every)
