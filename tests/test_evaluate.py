@@ -219,7 +219,7 @@ def test_reference_statistics_are_cached_under_the_classifier_hash(model, digits
 def _eval_args(**kw):
     args = dict(path=None, samples=None, calibrate=False, classifier=None, data_dir=None,
                 device="cpu", n=None, steps=None, sampler="ancestral", eta=0.0, seed=0,
-                batch_size=None, bpd=False, bpd_n=None)
+                batch_size=None, bpd=False, bpd_n=None, label=None, guidance=0.0, guidance_sweep=None)
     args.update(kw)
     return SimpleNamespace(**args)
 
@@ -286,6 +286,60 @@ def test_run_eval_on_a_checkpoint_samples_scores_and_reports_bits_per_dim(
     assert np.isfinite(result["fid"]) and result["fid"] > 0
     # An untrained network is a poor density model, but the bound is still a finite positive number.
     assert result["bpd_n"] == 2 and 0 < result["bpd"] < np.inf
+
+
+@pytest.fixture(scope="module")
+def tiny_conditional_checkpoint(tmp_path_factory):
+    """An untrained class-conditional mnist-tiny checkpoint with T = 4, its weights moved off
+    their zero initialization so that the label changes the prediction."""
+    from autograd import optim
+    from tinyddpm.checkpoint import save_checkpoint
+    from tinyddpm.config import TrainConfig
+    from tinyddpm.train import build_model
+
+    config = TrainConfig(T=4, sample_steps=2, class_cond=True).validate()
+    net = build_model(config)
+    for p in net.parameters():
+        p.data += 0.05 * np.random.default_rng(1).standard_normal(p.shape).astype(np.float32)
+    path = tmp_path_factory.mktemp("ckpt") / "conditional.npz"
+    state = np.random.default_rng(0).bit_generator.state
+    rng = {"data": {"epoch_start": state, "batches_taken": 0}, "noise": state, "dropout": state}
+    save_checkpoint(path, net, optim.EMA(net.parameters()), optim.Adam(net.parameters(), 1e-4),
+                    0, rng, config)
+    return path
+
+
+def test_a_guidance_sweep_prints_one_line_per_weight_with_label_accuracy(tiny_conditional_checkpoint, reference,
+                                                                         monkeypatch, capsys):
+    monkeypatch.setattr(ev, "reference_statistics", lambda *a, **k: reference)
+    args = _eval_args(path=str(tiny_conditional_checkpoint), n=20, steps=2, guidance_sweep="0,1.5")
+    assert ev.run_eval(args) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["guidance"], r["label"], r["n"]) for r in lines] == [(0.0, "all", 20), (1.5, "all", 20)]
+    for r in lines:
+        assert 0 <= r["label_accuracy"] <= 1 and len(r["label_accuracy_per_digit"]) == 10
+        assert sum(r["class_histogram"]) == 20 and np.isfinite(r["fid"])
+    assert lines[0]["fid"] != lines[1]["fid"], "the guidance must change the samples"
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(guidance_sweep="0,x"), "--guidance-sweep takes numbers separated by commas"),
+    (dict(guidance_sweep="0,-1"), "guidance must be a finite number >= 0"),
+    (dict(guidance=2.0), "--guidance needs --label"),
+    (dict(label="12"), "--label must be a digit 0..9 or 'all'"),
+    (dict(guidance_sweep="0,1", bpd=True), "--guidance-sweep samples a checkpoint"),
+])
+def test_bad_guidance_options_are_refused_in_one_line(tiny_conditional_checkpoint, capsys, options, message):
+    assert ev.run_eval(_eval_args(path=str(tiny_conditional_checkpoint), **options)) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_a_label_for_an_unconditional_checkpoint_is_refused(tiny_checkpoint, reference, monkeypatch, capsys):
+    monkeypatch.setattr(ev, "reference_statistics", lambda *a, **k: reference)
+    assert ev.run_eval(_eval_args(path=str(tiny_checkpoint), n=4, steps=2, label="3")) == 1
+    err = capsys.readouterr().err
+    assert "holds an unconditional model" in err and err.count("\n") == 1
 
 
 def test_a_checkpoint_given_as_samples_is_refused(tiny_checkpoint, capsys):

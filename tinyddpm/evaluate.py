@@ -597,6 +597,14 @@ def add_eval_arguments(parser):
     sampling.add_argument("--batch-size", type=int, default=None,
                           help=f"images per network call (default {DEFAULT_BATCH['cuda']:,} on cuda, "
                                f"{DEFAULT_BATCH['cpu']} on cpu)")
+    sampling.add_argument("--label", default=None, metavar="K|all",
+                          help="class-conditional checkpoints: draw the digit K, or 'all' the ten digits "
+                               "evenly; the line then has label_accuracy")
+    sampling.add_argument("--guidance", type=float, default=0.0, metavar="W",
+                          help="classifier-free guidance weight with --label (default 0)")
+    sampling.add_argument("--guidance-sweep", default=None, metavar="W1,W2,...",
+                          help="class-conditional checkpoints: one JSON line per guidance weight (e.g. "
+                               "0,0.5,1,2,4), the ten digits evenly, the same seed for each")
     sampling.add_argument("--bpd", action="store_true",
                           help="also report bits/dim of MNIST test digits (the variational bound, all T terms)")
     sampling.add_argument("--bpd-n", type=int, default=None,
@@ -623,6 +631,25 @@ def _check_eval_args(args):
         raise _UsageError(f"--n must be at most {MAX_SAMPLES:,} per call, got {args.n:,}")
     if not (math.isfinite(args.eta) and args.eta >= 0):
         raise _UsageError(f"--eta must be a finite number >= 0, got {args.eta}")
+    if args.label is not None and args.label != "all":
+        if not (args.label.isdigit() and 0 <= int(args.label) <= 9):
+            raise _UsageError(f"--label must be a digit 0..9 or 'all', got {args.label!r}")
+        args.label = int(args.label)
+    weights = [args.guidance]
+    if args.guidance_sweep is not None:
+        try:
+            weights = [float(w) for w in args.guidance_sweep.split(",")]
+        except ValueError:
+            raise _UsageError(f"--guidance-sweep takes numbers separated by commas, got "
+                              f"{args.guidance_sweep!r}") from None
+        if args.samples is not None or args.bpd:
+            raise _UsageError("--guidance-sweep samples a checkpoint: it goes without --samples and --bpd")
+        if args.label is None:
+            args.label = "all"
+    if any(not (math.isfinite(w) and w >= 0) for w in weights):
+        raise _UsageError(f"guidance must be a finite number >= 0, got {', '.join(map(str, weights))}")
+    if args.guidance and args.label is None:
+        raise _UsageError("--guidance needs --label (or --guidance-sweep)")
     if args.device == "cuda":
         from autograd import backend
         reason = backend.cuda_unavailable_reason()
@@ -656,9 +683,18 @@ def run_eval(args):
             print(_format_calibration(calibration_table(model, meta["sha256"], data_dir=args.data_dir)))
             return 0
         reference = reference_statistics(model, meta["sha256"], args.data_dir)
+        if is_checkpoint and args.guidance_sweep is not None:
+            for w in [float(w) for w in args.guidance_sweep.split(",")]:
+                args.guidance = w
+                images, labels, fmt, extra = _sample_checkpoint(path, args)
+                result = score_images(images, model, reference, labels)
+                result.update(format=fmt, **extra, classifier_sha256=meta["sha256"],
+                              reference="MNIST test digits (10,000)")
+                print(json.dumps(result), flush=True)
+            return 0
         if is_checkpoint:
-            images, fmt, extra = _sample_checkpoint(path, args)
-            result = score_images(images, model, reference)
+            images, labels, fmt, extra = _sample_checkpoint(path, args)
+            result = score_images(images, model, reference, labels)
         else:
             progress = progress_for(samples.n, "tinyddpm eval: samples scored", every=PROGRESS_SECONDS)
             try:
@@ -718,7 +754,7 @@ def _sample_checkpoint(path, args):
     try:
         result = sample_checkpoint(path, n, steps=args.steps, sampler=args.sampler, eta=args.eta,
                                    seed=args.seed, batch_size=batch, device=args.device,
-                                   progress=progress)
+                                   progress=progress, label=args.label, guidance=args.guidance)
     except ValueError as exc:  # what only the checkpoint can tell, e.g. --steps above its T
         raise SamplesError(f"{path}: {exc}") from None
     finally:
@@ -728,9 +764,11 @@ def _sample_checkpoint(path, args):
              "sampling_seconds": round(time.perf_counter() - start, 1)}
     if args.sampler == "ddim":
         extra["eta"] = args.eta
+    if args.label is not None:
+        extra.update(label=args.label, guidance=args.guidance)
     if args.bpd:
         extra.update(_bits_per_dim(path, args, batch))
-    return result.images, "float [-1, 1] (N, 1, 28, 28), sampled from the checkpoint", extra
+    return result.images, result.labels, "float [-1, 1] (N, 1, 28, 28), sampled from the checkpoint", extra
 
 
 def _bits_per_dim(path, args, batch):
