@@ -306,3 +306,40 @@ def test_sample_viewer_refuses_a_page_over_5_mb_before_sampling(micro_checkpoint
     assert main(["sample", str(micro_checkpoint), "--viewer", str(tmp_path / "v.html"), "--n", "64"]) == 2
     err = capsys.readouterr().err
     assert "over the 5 MB limit" in err and err.count("\n") == 1 and not (tmp_path / "v.html").exists()
+
+
+# =============================================================================
+# train --config
+# =============================================================================
+
+def test_train_config_takes_a_runs_settings_and_flags_win(micro_checkpoint, tmp_path):
+    first = json.loads((micro_checkpoint.parent / "config.json").read_text())
+    assert main(["train", "--config", str(micro_checkpoint.parent / "config.json"), "--steps", "3",
+                 "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert again == dict(first, steps=3)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"stepz": 3}', "unknown setting 'stepz'"),
+    ('{"steps": "ten"}', "steps must be an integer, got \"ten\""),
+    ('{"steps": 2.5}', "steps must be an integer, got 2.5"),
+    ('{"lr": "fast"}', "lr must be a number, got \"fast\""),
+    ('{"class_cond": 1}', "class_cond must be true or false, got 1"),
+    ('{"data_dir": 7}', "data_dir must be a string or null, got 7"),
+    ('[1, 2]', "expected a JSON object of settings"),
+    ('{"steps": ', "not valid JSON"),
+])
+def test_train_config_refuses_what_is_not_a_config_in_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "run.json"
+    path.write_text(content)
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tinyddpm train: error: --config {path}: ") and message in err
+    assert err.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
+def test_train_config_names_a_missing_file(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "nothing.json")]) == 2
+    err = capsys.readouterr().err
+    assert "nothing.json: No such file or directory" in err and err.count("\n") == 1

@@ -106,6 +106,9 @@ def add_train_arguments(parser):
     parser.add_argument("--class-cond", dest="class_cond", action="store_const", const=True, default=None,
                         help="train eps(x_t, t, y) with the digit y, for `sample --label` and "
                              "classifier-free guidance (Ho & Salimans 2022)")
+    parser.add_argument("--config", metavar="RUN.json", default=None,
+                        help="settings from a file, such as a run's config.json; options given on the "
+                             "command line win")
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="run directory (default: a new runs/<date>-<time>)")
     parser.add_argument("--resume", action="store_true",
@@ -116,6 +119,11 @@ def run_train(args):
     from tinyddpm.train import Reporter, prepare_run, train
 
     options = {field: getattr(args, field) for field in FLAG_OF if getattr(args, field) is not None}
+    if args.config is not None:
+        try:
+            options = {**TrainConfig.options_from_file(args.config), **options}
+        except ConfigError as exc:
+            raise UsageError(f"tinyddpm train: error: --config {exc.message}") from None
     if args.resume and args.out is None:
         raise UsageError("tinyddpm train: error: --resume needs --out DIR, the run to continue")
     out = Path(args.out) if args.out is not None else Path("runs") / time.strftime("%Y%m%d-%H%M%S")

@@ -294,6 +294,36 @@ class TrainConfig:
         return cls(**{**LEGACY_VALUES, **values})
 
     @classmethod
+    def options_from_file(cls, path):
+        """{field: value} of a config file (a run's config.json), for `train --config`.
+
+        Unknown keys and values of the wrong type are refused, each in one
+        ConfigError; the values themselves are checked later, with the run's
+        other options, by validate().
+        """
+        try:
+            with open(path, "rb") as f:
+                text = f.read(MAX_CONFIG_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError("config", f"{path}: {exc.strerror or exc}") from None
+        if len(text) > MAX_CONFIG_BYTES:
+            raise ConfigError("config", f"{path}: larger than {MAX_CONFIG_BYTES:,} bytes; not a config.json")
+        try:
+            values = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise ConfigError("config", f"{path}: not valid JSON ({str(exc)[:200]})") from None
+        if not isinstance(values, dict):
+            raise ConfigError("config", f"{path}: expected a JSON object of settings")
+        kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+        for key, value in values.items():
+            if key not in kinds:
+                raise ConfigError("config", f"{path}: unknown setting {str(key)[:50]!r}")
+            if not _of_kind(value, kinds[key]):
+                raise ConfigError("config", f"{path}: {key} must be {_KIND_NAMES[kinds[key]]}, "
+                                            f"got {json.dumps(value)[:50]}")
+        return values
+
+    @classmethod
     def from_json(cls, text):
         try:
             values = json.loads(text)
@@ -303,6 +333,25 @@ class TrainConfig:
         if not isinstance(values, dict):
             raise ConfigError("json", "expected a JSON object")
         return cls.from_dict(values)
+
+
+MAX_CONFIG_BYTES = 1 << 16              # a config.json is a few hundred bytes
+
+# The field types of TrainConfig (strings, with `from __future__ import annotations`).
+_KIND_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+               "str | None": "a string or null"}
+
+
+def _of_kind(value, kind):
+    if kind == "int":
+        return type(value) is int
+    if kind == "float":
+        return type(value) in (int, float)
+    if kind == "bool":
+        return type(value) is bool
+    if kind == "str":
+        return type(value) is str
+    return value is None or type(value) is str
 
 
 def _check_int(name, value, minimum, maximum=None):
