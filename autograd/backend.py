@@ -117,6 +117,6 @@ def seed_global_rng(seed, device="cpu"):
 def global_rng(device="cpu"):
     if device not in _global_rngs:
         seed = _global_rngs.get("seed")
-        # Different streams per device from one seed: the device name is mixed in.
+        # Different streams per device from one seed: the device name's length is mixed in.
         _global_rngs[device] = default_rng(None if seed is None else [seed, len(device)], device)
     return _global_rngs[device]

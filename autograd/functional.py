@@ -8,7 +8,7 @@ whose formulas their docstrings give; here they are only wired into the graph.
 """
 import numpy as np
 
-from . import backend
+from . import backend, seam
 from .kernels import activations, attention as attn_k, conv as conv_k, norm as norm_k
 from .tensor import Function, Tensor
 
@@ -231,17 +231,23 @@ def upsample_nearest2d(x, scale_factor=2):
 # =============================================================================
 
 class GroupNorm(Function):
-    """The arithmetic is in kernels/norm.py; `saved` is whatever its backward needs."""
+    """The arithmetic is in kernels/norm.py; `saved` is whatever its backward needs.
+
+    A faster twin (autograd/fast) saves other things than the plain kernel, so
+    the backward kernel is the one that goes with the forward that ran, chosen
+    at the forward: switching autograd.fast between the two passes is harmless.
+    """
 
     def __init__(self, num_groups, eps):
         self.num_groups, self.eps = num_groups, eps
 
     def forward(self, x, weight, bias):
+        self.backward_kernel = seam.current(norm_k.group_norm_backward)
         y, self.saved = norm_k.group_norm_forward(x, self.num_groups, weight, bias, self.eps)
         return y
 
     def backward(self, grad):
-        return norm_k.group_norm_backward(grad, self.saved)
+        return self.backward_kernel(grad, self.saved)
 
 
 class GroupNormSiLU(Function):
@@ -256,11 +262,12 @@ class GroupNormSiLU(Function):
         self.num_groups, self.eps = num_groups, eps
 
     def forward(self, x, weight, bias):
+        self.backward_kernel = seam.current(norm_k.group_norm_silu_backward)    # as GroupNorm's
         y, self.saved = norm_k.group_norm_silu_forward(x, self.num_groups, weight, bias, self.eps)
         return y
 
     def backward(self, grad):
-        return norm_k.group_norm_silu_backward(grad, self.saved)
+        return self.backward_kernel(grad, self.saved)
 
 
 def _group_norm_args(op, x, num_groups, weight, bias):

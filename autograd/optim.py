@@ -143,7 +143,8 @@ def clip_grad_norm(params, max_norm):
     """Scale all gradients together so their global L2 norm is at most max_norm.
 
     Returns the norm before clipping, in the gradients' dtype and on their
-    device: a 0-d array, as PyTorch returns a tensor. Nothing here reads a
+    device: a 0-d array, as PyTorch returns a tensor (0.0 when no parameter
+    has a gradient). Nothing here reads a
     value back to the host, so on a GPU a step that does not read the norm
     goes on without waiting for the device: every gradient is multiplied by
     the factor (max_norm / norm where the norm is over the limit, else 1),

@@ -35,6 +35,11 @@ def swappable(fn):
     return call
 
 
+def current(kernel):
+    """The function a swappable kernel runs now: its installed twin, else its plain body."""
+    return _twins.get(kernel.__name__, kernel.plain)
+
+
 def install(twins):
     """Run each twin ({name: function}) in place of the plain kernel of that name."""
     unknown = sorted(set(twins) - set(_plain))

@@ -225,6 +225,10 @@ class Tensor:
 
         order = _topological_order(self)
         pending = {id(self): grad}   # gradients still flowing towards their tensor
+        # A tensor used twice gets the sum of both gradients. The walk adds into an
+        # array in place only when it made that array itself (`owned`): an op's
+        # backward may hand back an array that is also someone else's (Add passes
+        # its grad to both inputs), and adding into that would change the other too.
         owned = set()                # ids of pending arrays the walk made itself
 
         # Popping from the end visits outputs before the ops that made their inputs,

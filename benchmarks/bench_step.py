@@ -232,7 +232,7 @@ def torch_unet(torch, in_channels=1, image_size=28, ch=64, ch_mult=(1, 2, 2), nu
 
 
 def torch_steps(torch, preset, batch, device, seed=0):
-    """(train_step, sample_step, n_params, sync) for the PyTorch twin on `device`."""
+    """(train_step, sample_step, n_params, sync) for the PyTorch reference on `device`."""
     F = torch.nn.functional
     torch.manual_seed(seed)
     model = torch_unet(torch, **PRESETS[preset]).to(device)

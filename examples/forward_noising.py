@@ -34,13 +34,13 @@ import _draw  # noqa: E402
 TIMESTEPS = (0, 50, 100, 250, 500, 999)
 
 
-def one_digit(index=0, fast=False):
+def one_digit(index=0, quick=False):
     """One MNIST test image (28, 28) in [-1, 1], and a word on where it came from.
 
-    Without MNIST on this machine (or with --fast), a ring drawn by hand stands
+    Without MNIST on this machine (or with --quick), a ring drawn by hand stands
     in for a zero, so the script still runs.
     """
-    if not fast:
+    if not quick:
         try:
             images, labels = load_mnist("test")
             return images[index, 0], f"MNIST test image {index} (a {labels[index]})"
@@ -102,11 +102,11 @@ def main(argv=None):
     parser.add_argument("--index", type=int, default=0, help="which MNIST test image (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise eps")
     parser.add_argument("--out", default="out", help="folder for the PNGs (default out/)")
-    parser.add_argument("--fast", action="store_true", help="skip loading MNIST (a drawn digit instead)")
+    parser.add_argument("--quick", action="store_true", help="skip loading MNIST (a drawn digit instead)")
     args = parser.parse_args(argv)
 
     schedules = {"linear": linear_betas(1000), "cosine": cosine_betas(1000)}
-    x0, source = one_digit(args.index, args.fast)
+    x0, source = one_digit(args.index, args.quick)
     diffusion = GaussianDiffusion(schedules["linear"])
     strip = noised(x0, diffusion, TIMESTEPS, args.seed)
     print(f"x_0: {source}; x_t = q_sample(x_0, t, eps) with the linear schedule, one eps for all t")

@@ -38,9 +38,9 @@ from autograd import Tensor, no_grad  # noqa: E402
 # The ops on show: inputs, how to call them, and the Function class behind them
 # =============================================================================
 
-def _op_table(fast):
+def _op_table(quick):
     # Small shapes: the element-by-element check runs two forwards per input value.
-    s = 3 if fast else 5
+    s = 3 if quick else 5
     return {
         "conv2d": dict(
             shapes={"x": (2, 3, s, s), "w": (4, 3, 3, 3), "b": (4,)},
@@ -65,7 +65,7 @@ def _op_table(fast):
     }
 
 
-OPS = tuple(_op_table(fast=False))
+OPS = tuple(_op_table(quick=False))
 
 
 # =============================================================================
@@ -147,15 +147,15 @@ def kernels(twins):
         (autograd.fast.enable if was_on else autograd.fast.disable)()
 
 
-def run(op="conv2d", break_it=False, fast=False, seed=0, rows=6, out=sys.stdout, twins=False):
+def run(op="conv2d", break_it=False, quick=False, seed=0, rows=6, out=sys.stdout, twins=False):
     """Print the comparison; return True when the outcome is the expected one
     (gradcheck passes a correct backward, and catches a broken one)."""
     with kernels(twins):
-        return _run(op, break_it, fast, seed, rows, out, twins)
+        return _run(op, break_it, quick, seed, rows, out, twins)
 
 
-def _run(op, break_it, fast, seed, rows, out, twins):
-    spec = _op_table(fast)[op]
+def _run(op, break_it, quick, seed, rows, out, twins):
+    spec = _op_table(quick)[op]
     rng = np.random.default_rng(seed + 1)
     names = list(spec["shapes"])
     inputs = [Tensor(rng.standard_normal(shape), requires_grad=True)    # float64
@@ -218,11 +218,11 @@ def main(argv=None):
     parser.add_argument("--break", dest="break_it", action="store_true",
                         help="scale one gradient element by 1.01 and watch gradcheck catch it")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fast", action="store_true", help="smaller inputs")
+    parser.add_argument("--quick", action="store_true", help="smaller inputs")
     parser.add_argument("--twins", action="store_true",
                         help="check the fast layer's twins of the kernels instead of the plain kernels")
     args = parser.parse_args(argv)
-    ok = run(args.op, args.break_it, args.fast, args.seed, twins=args.twins)
+    ok = run(args.op, args.break_it, args.quick, args.seed, twins=args.twins)
     return 0 if ok else 1
 
 

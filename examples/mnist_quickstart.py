@@ -15,7 +15,7 @@ seeing every stage once, quickly.
     python examples/mnist_quickstart.py                  # ~5 minutes of training
     python examples/mnist_quickstart.py --minutes 15
     python examples/mnist_quickstart.py --steps 300 --out /tmp/quick
-    python examples/mnist_quickstart.py --fast           # 2 steps, 4 images: the smoke test
+    python examples/mnist_quickstart.py --quick          # 2 steps, 4 images: the smoke test
 
 The run (checkpoint.npz, metrics.csv, config.json, the grid) goes to
 `OUT/mnist-quickstart/`. Sample more from it afterwards with
@@ -68,10 +68,10 @@ def main(argv=None):
     parser.add_argument("--out", default="out", help="parent folder of the run (default out/)")
     parser.add_argument("--data-dir", default=None, help="a folder of MNIST IDX files (default: as tinyddpm train)")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the decoded-MNIST cache")
-    parser.add_argument("--fast", action="store_true", help="2 steps, batch 4, 4 images of 5 steps")
+    parser.add_argument("--quick", action="store_true", help="2 steps, batch 4, 4 images of 5 steps")
     args = parser.parse_args(argv)
 
-    if args.fast:
+    if args.quick:
         steps, batch, sample_steps, n = 2, 4, 5, 4
     else:
         batch, sample_steps, n = args.batch_size, args.sample_steps, args.n

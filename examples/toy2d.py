@@ -15,7 +15,7 @@ are scaled there) and the sampler clips its predictions and its output to it.
 
     python examples/toy2d.py                 # 4000 steps, PNGs in out/
     python examples/toy2d.py --steps 8000 --out /tmp/toy
-    python examples/toy2d.py --fast          # tiny sizes, a few seconds (the smoke test)
+    python examples/toy2d.py --quick         # tiny sizes, a few seconds (the smoke test)
 
 Writes `toy2d_samples.png` (data next to samples), `toy2d_reverse.png` (x_t
 at several t of the reverse process, from noise to the ring) and
@@ -200,10 +200,10 @@ def main(argv=None):
     parser.add_argument("--hidden", type=int, default=64, help="width of the MLP's hidden layers (default 64)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="out", help="folder for the PNGs (default out/)")
-    parser.add_argument("--fast", action="store_true", help="tiny sizes for a smoke test")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test")
     args = parser.parse_args(argv)
 
-    hidden, n_samples, steps, batch = (16, 256, 20, 128) if args.fast else (args.hidden, 2000, args.steps, 1024)
+    hidden, n_samples, steps, batch = (16, 256, 20, 128) if args.quick else (args.hidden, 2000, args.steps, 1024)
     rng = np.random.default_rng(args.seed)
     model = ToyDenoiser(hidden=hidden, rng=np.random.default_rng([args.seed, 1]))
     diffusion = make_diffusion()

@@ -147,7 +147,7 @@ def test_sample_refuses_more_steps_than_the_checkpoint_has(micro_checkpoint, cap
     out = micro_checkpoint.parent / "x.npz"
     assert main(["sample", str(micro_checkpoint), "--steps", "1001", "--npz", str(out)]) == 2
     assert not out.exists()
-    assert "steps must be between 1 and T = 1000" in capsys.readouterr().err
+    assert "steps must be an integer between 1 and T = 1000" in capsys.readouterr().err
 
 
 def test_a_user_error_is_one_line_without_traceback_from_python_m(cache_env, tmp_path):

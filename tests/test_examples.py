@@ -70,7 +70,7 @@ PLOTTERS = [pytest.param(True, id="pillow"),
 
 @pytest.mark.parametrize("block_matplotlib", PLOTTERS)
 def test_toy2d_fast_writes_its_pictures(tmp_path, block_matplotlib):
-    out = run_example("toy2d.py", "--fast", "--out", str(tmp_path / "out"), tmp_path=tmp_path,
+    out = run_example("toy2d.py", "--quick", "--out", str(tmp_path / "out"), tmp_path=tmp_path,
                       block_matplotlib=block_matplotlib)
     assert ("drawing with Pillow" in out) == block_matplotlib
     assert_png(tmp_path / "out" / "toy2d_samples.png")
@@ -81,7 +81,7 @@ def test_toy2d_fast_writes_its_pictures(tmp_path, block_matplotlib):
 
 @pytest.mark.parametrize("block_matplotlib", PLOTTERS)
 def test_forward_noising_fast_writes_its_pictures(tmp_path, block_matplotlib):
-    out = run_example("forward_noising.py", "--fast", "--out", str(tmp_path), tmp_path=tmp_path,
+    out = run_example("forward_noising.py", "--quick", "--out", str(tmp_path), tmp_path=tmp_path,
                       block_matplotlib=block_matplotlib)
     assert ("drawn with Pillow" if block_matplotlib else "drawn with matplotlib") in out
     assert "linear" in out and "cosine" in out          # the printed alpha_bar table
@@ -103,7 +103,7 @@ def write_tiny_mnist(folder, n=16, seed=0):
 
 def test_mnist_quickstart_fast_trains_and_writes_a_grid(tmp_path):
     data = write_tiny_mnist(tmp_path / "mnist")
-    out = run_example("mnist_quickstart.py", "--fast", "--out", str(tmp_path / "out"),
+    out = run_example("mnist_quickstart.py", "--quick", "--out", str(tmp_path / "out"),
                       "--data-dir", str(data), "--no-cache", tmp_path=tmp_path)
     run = tmp_path / "out" / "mnist-quickstart"
     assert (run / "checkpoint.npz").is_file()
@@ -112,7 +112,7 @@ def test_mnist_quickstart_fast_trains_and_writes_a_grid(tmp_path):
 
 
 def test_mnist_quickstart_reports_missing_data_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(EXAMPLES / "mnist_quickstart.py"), "--fast", "--out",
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "mnist_quickstart.py"), "--quick", "--out",
                            str(tmp_path), "--data-dir", str(tmp_path / "empty"), "--no-cache"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
@@ -128,7 +128,7 @@ def test_mnist_quickstart_reports_missing_data_in_one_line(tmp_path):
 @pytest.mark.parametrize("op", gradcheck_tour.OPS)
 def test_gradcheck_tour_passes_a_correct_backward(op, twins):
     out = io.StringIO()
-    assert gradcheck_tour.run(op, fast=True, out=out, twins=twins)
+    assert gradcheck_tour.run(op, quick=True, out=out, twins=twins)
     text = out.getvalue()
     assert "passed" in text and "FAILED" not in text
     worst = [float(line.split(":")[1].split()[0]) for line in text.splitlines() if line.startswith("worst")]
@@ -140,7 +140,7 @@ def test_gradcheck_tour_catches_a_broken_backward(op):
     import autograd.functional as F
     original = getattr(F, gradcheck_tour._op_table(True)[op]["function"])
     out = io.StringIO()
-    assert gradcheck_tour.run(op, break_it=True, fast=True, out=out)
+    assert gradcheck_tour.run(op, break_it=True, quick=True, out=out)
     assert "FAILED, as it should" in out.getvalue()
     # The sabotage is undone afterwards.
     assert getattr(F, gradcheck_tour._op_table(True)[op]["function"]) is original
@@ -158,14 +158,14 @@ def test_gradcheck_tour_checks_the_kernels_it_names_and_restores_the_switch(twin
     monkeypatch.setattr(autograd, "gradcheck", gradcheck)
     before = autograd.fast.enabled()
     out = io.StringIO()
-    assert gradcheck_tour.run("group_norm", fast=True, out=out, twins=twins)
+    assert gradcheck_tour.run("group_norm", quick=True, out=out, twins=twins)
     assert seen == [twins] and autograd.fast.enabled() == before
     named = "the fast layer's twin of group_norm_backward" if twins else "autograd/kernels/norm.py::group_norm_backward"
     assert f"backward: {named}" in out.getvalue()
 
 
 def test_gradcheck_tour_command_line(tmp_path):
-    out = run_example("gradcheck_tour.py", "--op", "silu", "--break", "--fast", tmp_path=tmp_path)
+    out = run_example("gradcheck_tour.py", "--op", "silu", "--break", "--quick", tmp_path=tmp_path)
     assert "analytic" in out and "numeric" in out and "FAILED, as it should" in out
 
 
@@ -174,7 +174,7 @@ def test_gradcheck_tour_command_line(tmp_path):
 # =============================================================================
 
 def test_forward_noising_goes_from_the_digit_to_noise():
-    x0, _ = forward_noising.one_digit(fast=True)
+    x0, _ = forward_noising.one_digit(quick=True)
     diffusion = forward_noising.GaussianDiffusion(forward_noising.linear_betas(1000))
     strip = forward_noising.noised(x0, diffusion, (0, 999))
     assert np.abs(strip[0] - x0).max() < 0.05                         # t = 0: barely touched

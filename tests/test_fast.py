@@ -217,3 +217,31 @@ def test_the_plain_engine_never_imports_the_fast_layer():
     offenders = {str(p.relative_to(root)): fast_imports(p) for p in core if fast_imports(p)}
     assert not offenders, f"core modules importing autograd.fast (file: lines): {offenders}"
     assert fast_imports(root / "__init__.py"), "autograd/__init__.py should be what installs it"
+
+
+@pytest.mark.parametrize("name", ["group_norm", "group_norm_silu"])
+@pytest.mark.parametrize("forward_fast", [True, False])
+def test_switching_the_fast_layer_between_forward_and_backward_is_harmless(name, forward_fast):
+    # The twins save other things than the plain kernels: each backward must be its forward's.
+    from autograd import Tensor, functional as F
+    was_on = fast.enabled()
+    grads = []
+    try:
+        for switch in (False, True):
+            x = Tensor(arrays((2, 4, 3, 3))[0], requires_grad=True)
+            (fast.enable if forward_fast else fast.disable)()
+            y = getattr(F, name)(x, 2)
+            if switch:
+                (fast.disable if forward_fast else fast.enable)()
+            y.backward(arrays(y.shape, seed=1)[0])
+            grads.append(x.grad)
+    finally:
+        (fast.enable if was_on else fast.disable)()
+    assert_same(grads[1], grads[0], np.float64)
+
+
+def test_a_bad_autograd_fast_is_one_line_from_the_command_line():
+    environment = dict(os.environ, AUTOGRAD_FAST="yes")
+    for command in ([sys.executable, "-m", "tinyddpm", "info", "x.npz"],):
+        out = subprocess.run(command, capture_output=True, text=True, env=environment)
+        assert out.returncode == 2 and out.stderr == "tinyddpm: error: AUTOGRAD_FAST must be 0 or 1, got 'yes'\n"

@@ -545,3 +545,14 @@ def test_training_on_two_processes_follows_training_on_one(tmp_path, private_cac
         # Rounding apart, through Adam: it divides by sqrt(v), so where a gradient is near
         # zero its last bits move that weight by a small fraction of the step size (lr 0.01).
         np.testing.assert_allclose(two[k], one[k], rtol=1e-4, atol=1e-4, err_msg=k)
+
+
+def test_autograd_processes_comes_before_the_tinyddpm_name(monkeypatch):
+    monkeypatch.setenv("TINYDDPM_PROCESSES", "2")
+    monkeypatch.setenv("AUTOGRAD_PROCESSES", "1")
+    model = Affine()
+    assert processes.default_processes() == 1
+    with processes.batch_parallel(model) as net:
+        assert net is model
+    monkeypatch.delenv("AUTOGRAD_PROCESSES")
+    assert processes.default_processes() == 2

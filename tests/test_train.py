@@ -329,7 +329,7 @@ def test_a_worker_killed_mid_run_ends_in_one_line_with_the_run_resumable(tmp_pat
     import subprocess
     import sys
     import time
-    env = dict(os.environ, TINYDDPM_PROCESSES="2", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, TINYDDPM_PROCESSES="2", AUTOGRAD_FAST="1", PYTHONPATH=str(ROOT))
     out = tmp_path / "run"
     command = [sys.executable, "-m", "tinyddpm", "train", "--preset", "mnist-tiny", "--steps", "400",
                "--batch-size", "4", "--log-every", "1", "--save-every", "0", "--sample-every", "0",
@@ -413,7 +413,18 @@ def test_ctrl_c_during_a_preview_saves_and_stops_at_once(tmp_path, monkeypatch, 
     assert (f"after step {step}" if at == "mid-run" else "the final preview was skipped") in err
 
 
-def test_the_number_of_processes_is_recorded_and_a_change_on_resume_is_noted(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def fast_layer():
+    """The fast layer on (it splits the batch), whatever AUTOGRAD_FAST the suite runs with."""
+    import autograd
+    was_on = autograd.fast.enabled()
+    autograd.fast.enable()
+    yield
+    (autograd.fast.enable if was_on else autograd.fast.disable)()
+
+
+def test_the_number_of_processes_is_recorded_and_a_change_on_resume_is_noted(tmp_path, monkeypatch, capsys,
+                                                                             fast_layer):
     monkeypatch.setenv("TINYDDPM_PROCESSES", "2")
     assert run(tmp_path, steps=STEPS // 2) == 0
     stored = json.loads(str(arrays(tmp_path / "checkpoint.npz")["rng"]))
@@ -424,7 +435,7 @@ def test_the_number_of_processes_is_recorded_and_a_change_on_resume_is_noted(tmp
     assert "trained with each step split over 2 process(es), this run over 1" in capsys.readouterr().out
 
 
-def test_a_bad_tinyddpm_processes_is_one_line(tmp_path, monkeypatch, capsys):
+def test_a_bad_tinyddpm_processes_is_one_line(tmp_path, monkeypatch, capsys, fast_layer):
     monkeypatch.setenv("TINYDDPM_PROCESSES", "abc")
     assert run(tmp_path) == 1
     err = capsys.readouterr().err

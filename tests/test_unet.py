@@ -1,4 +1,4 @@
-"""Tests for tinyddpm.unet: the DDPM UNet against its PyTorch twin, its
+"""Tests for tinyddpm.unet: the DDPM UNet against its PyTorch reference, its
 gradients, its time embedding, its zero initialization and its input checks.
 
 The PyTorch comparison runs without torch: tools/make_unet_fixture.py (run

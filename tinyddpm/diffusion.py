@@ -48,9 +48,8 @@ def extract(a, t, x):
 
 
 # Device copies of the (small, long-lived) schedule tables, made once each, so
-# that indexing them by a GPU array of timesteps never copies t to the host:
-# the only host synchronizations left in `tinyddpm train`'s step are its
-# reads of the loss and the gradient norm (train.py says why).
+# that indexing a table by a GPU array of timesteps reads it on the device
+# rather than copying t to the host and waiting for the GPU at every step.
 _device_tables = {}
 
 
@@ -187,7 +186,7 @@ class GaussianDiffusion:
         labels: for a class-conditional model, its labels y (B,): eps_theta(x_t, t, y).
         """
         x0 = _array(x0)
-        t = rng.integers(0, self.T, size=x0.shape[0])                  # t ~ Uniform({1, ..., T})
+        t = rng.integers(0, self.T, size=x0.shape[0])                  # the paper's t ~ U{1..T}, 0-based
         noise = rng.standard_normal(x0.shape, dtype=x0.dtype)          # eps ~ N(0, I)
         x_t = self.q_sample(x0, t, noise)                              # eq. 4
         eps = self.model_eps(model, x_t, t, labels)
@@ -264,31 +263,15 @@ class GaussianDiffusion:
         return self._run_chain(step, shape, rng, progress, return_trajectory, dtype)
 
     def _run_chain(self, step, shape, rng, progress, return_trajectory, dtype):
-        """x_T ~ N(0, I), x <- step(x, t) for t = T-1..0, then clip to [-1, 1]."""
-        x = rng.standard_normal(shape, dtype=dtype)
+        """Algorithm 2's loop: x_T ~ N(0, I), x <- step(x, t) for t = T-1, ..., 0, then clip."""
+        x = rng.standard_normal(shape, dtype=dtype)                    # x_T ~ N(0, I)
         xp = backend.get_array_module(x)
-        bar = None
-        if progress is True:
-            from tqdm import tqdm
-            bar = tqdm(total=self.T, desc="sampling")
-            progress = bar.update
-        n_snapshots = 10 if return_trajectory is True else int(return_trajectory)
-        snapshots = np.round(np.linspace(self.T - 1, 0, min(n_snapshots, self.T)))
-        snapshot_at = set(snapshots.astype(int).tolist())
-        trajectory = []
+        watch = _Watch(self, progress, return_trajectory)             # progress and snapshots
         with no_grad():
-            for t in reversed(range(self.T)):
-                if t in snapshot_at:
-                    trajectory.append((int(self.timestep_map[t]) + 1, x))
+            for t in reversed(range(self.T)):                          # the paper's t = T, ..., 1
+                watch.before(t, x)
                 x = step(x, xp.full((shape[0],), t, dtype=xp.int64))
-                if progress:
-                    progress()
-        if bar is not None:
-            bar.close()
-        x = x.clip(-1, 1)
-        if return_trajectory:
-            return x, trajectory + [(0, x)]
-        return x
+        return watch.end(x.clip(-1, 1))
 
     # =========================================================================
     # Fewer steps: respacing (Nichol & Dhariwal 2021) and DDIM (Song et al. 2021)
@@ -316,7 +299,7 @@ class GaussianDiffusion:
         return GaussianDiffusion(betas, self.variance, self.timestep_map[kept])
 
     def ddim_step(self, model, x_t, t, rng, eta=0.0, clip_denoised=True):
-        """One step of DDIM (Song et al. 2021, eq. 12):
+        """One step of DDIM (Song et al. 2021, eq. 12, with sigma_t of their eq. 16):
 
             x_{t-1} = sqrt(ab_{t-1}) x0_pred + sqrt(1 - ab_{t-1} - sigma_t^2) eps_pred + sigma_t z,
             sigma_t = eta sqrt((1 - ab_{t-1}) / (1 - ab_t)) sqrt(1 - ab_t / ab_{t-1}),
@@ -411,6 +394,41 @@ class GaussianDiffusion:
         if np.array_equal(np.sort(timesteps), np.arange(self.T)):
             out["total"] = out["prior"] + terms.sum(axis=1)
         return out
+
+
+class _Watch:
+    """What a sampling loop reports besides its result: progress, and x_t at a few steps.
+
+    progress: None/False, True (a tqdm bar) or a callable called once per step.
+    return_trajectory: False, True (10 snapshots) or an int n of them, evenly
+    spaced from x_T down to the final samples; `end` then returns (x, [(t, x_t)])
+    with t numbered as in the paper on the original chain.
+    """
+
+    def __init__(self, diffusion, progress, return_trajectory):
+        self.diffusion, self.progress, self.return_trajectory = diffusion, progress, return_trajectory
+        self.bar = None
+        if progress is True:
+            from tqdm import tqdm
+            self.bar = tqdm(total=diffusion.T, desc="sampling")
+            self.progress = self.bar.update
+        T = diffusion.T
+        n = 10 if return_trajectory is True else int(return_trajectory)
+        self.snapshot_at = set(np.round(np.linspace(T - 1, 0, min(n, T))).astype(int).tolist())
+        self.trajectory = []
+
+    def before(self, t, x):
+        if self.progress and t != self.diffusion.T - 1:
+            self.progress()                          # the step before this one is done
+        if self.return_trajectory and t in self.snapshot_at:
+            self.trajectory.append((int(self.diffusion.timestep_map[t]) + 1, x))
+
+    def end(self, x):
+        if self.progress:
+            self.progress()
+        if self.bar is not None:
+            self.bar.close()
+        return (x, self.trajectory + [(0, x)]) if self.return_trajectory else x
 
 
 # =============================================================================

@@ -71,9 +71,10 @@ class Frames:
         return eps
 
     def frames(self, diffusion, chain, sampler, eta, final):
-        abar = diffusion.alphas_cumprod[self.t][:, None, None, None]            # alpha_bar_t per step
         xt, eps = np.stack(self.xt), np.stack(self.eps)                          # (S, N, H, W)
-        x0 = ((xt - np.sqrt(1 - abar) * eps) / np.sqrt(abar)).clip(-1, 1)      # eq. 15
+        x0 = np.stack([diffusion.predict_x0_from_eps(x, np.full(len(x), t), e).clip(-1, 1)
+                       for x, t, e in zip(xt, self.t, eps)])                     # eq. 15, step by step
+        abar = diffusion.alphas_cumprod[self.t]
         if sampler == "ancestral":      # sigma_t of each respaced step; z = 0 at the last one
             sigma = np.sqrt(chain.model_variance[::-1]) * (np.arange(chain.T)[::-1] > 0)
         else:
@@ -81,7 +82,7 @@ class Frames:
         final = backend.to_numpy(final)[:, 0].astype(np.float32)
         return {"xt": np.concatenate([xt, final[None]]), "x0": np.concatenate([x0, final[None]]),
                 "t": np.array([t + 1 for t in self.t] + [0]), "sigma": np.append(sigma, 0.0),
-                "alpha_bar": np.append(abar.ravel(), 1.0)}
+                "alpha_bar": np.append(abar, 1.0)}
 
 
 def load_model(checkpoint_path, use_ema=True, device="cpu", variance=None):
@@ -118,8 +119,8 @@ def sample_checkpoint(checkpoint_path, n, steps=None, sampler="ancestral", eta=0
     frames: also keep every reverse step of the first batch (x_t, predicted
         x_0, t, alpha_bar_t, sigma_t), for tinyddpm/viewer.py.
     The result depends only on the checkpoint, the arguments and `seed` (and,
-    to float32 rounding, on how many processes share each network call: the
-    kernels' thread count, see the module doc).
+    to float32 rounding, on how many processes share each network call: see
+    the module doc).
     """
     if sampler not in SAMPLERS:
         raise SampleError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -138,8 +139,8 @@ def sample_checkpoint(checkpoint_path, n, steps=None, sampler="ancestral", eta=0
         labels = np.full(n, NULL_LABEL)          # no label asked for: the unconditional model
     if steps is None:
         steps = diffusion.T if sampler == "ancestral" else min(DDIM_DEFAULT_STEPS, diffusion.T)
-    if not 1 <= steps <= diffusion.T:
-        raise SampleError(f"steps must be between 1 and T = {diffusion.T}, got {steps}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= diffusion.T:
+        raise SampleError(f"steps must be an integer between 1 and T = {diffusion.T}, got {steps!r}")
     try:
         diffusion.respace(steps)
     except ValueError as exc:          # a long chain cut to very few steps: a beta reaches 1

@@ -129,7 +129,7 @@ def ema_decay(config, step):
 
     "fixed": ema_decay throughout, as the paper. "warmup": min(ema_decay,
     (1 + step) / (10 + step)), which averages over roughly the steps taken so
-    far early in the run (0.17 at step 1, 0.9 at step 80) instead of
+    far early in the run (0.18 at step 1, 0.9 at step 80) instead of
     remembering the random initialization for ~1 / (1 - decay) steps.
     """
     if config.ema_schedule == "fixed":
@@ -409,7 +409,7 @@ def _open_metrics(path, keep_until):
 
 @dataclass
 class TrainResult:
-    status: str          # "finished", "interrupted" or "diverged"
+    status: str          # "finished", "interrupted", "diverged" or "failed"
     step: int            # the last step taken (and saved, unless diverged)
     message: str         # one line for the user
     exit_code: int

@@ -9,7 +9,7 @@ and DDPM's Appendix B. It is a UNet changed in three ways:
 3. single-head self-attention over all positions at the listed resolutions.
 
 Parameters are created in the same order, with the same shapes, as in the
-PyTorch twin that benchmarks/bench_step.py writes out (and as in the official
+PyTorch reference that benchmarks/bench_step.py defines (and as in the official
 code's model), so weights carry over by position; tests/test_unet.py checks
 the outputs against a fixture made that way.
 """
@@ -31,9 +31,9 @@ PRESETS = {
 def _zero(conv):
     # The official code initializes the last layer of each residual branch at
     # zero scale, so every block starts as the identity and the untrained
-    # network predicts eps = 0 (a loss of exactly 1 at step 0) instead of
-    # adding random noise on top of its input. Training is then stable from the
-    # first step without warm-up tricks; the weights leave zero after one update.
+    # network predicts eps = 0 (a loss of about 1, the mean of eps^2, at step 0)
+    # instead of adding random noise on top of its input; the weights leave
+    # zero after one update.
     conv.weight.data[...] = 0
     conv.bias.data[...] = 0
     return conv
@@ -61,6 +61,23 @@ class ResBlock(nn.Module):
         h = h + self.temb_proj(F.silu(temb)).reshape(B, -1, 1, 1)       # + the time embedding, at every pixel
         h = self.conv2(self.dropout(self.norm2(h)))                     # norm, SiLU, dropout, conv
         return h + (x if self.skip is None else self.skip(x))          # + the input
+
+
+class Downsample(nn.Conv2d):
+    """Half the resolution: a 3x3 convolution of stride 2 (its parameters are the convolution's)."""
+
+    def __init__(self, channels, rng, dtype):
+        super().__init__(channels, channels, 3, stride=2, padding=1, rng=rng, dtype=dtype)
+
+
+class Upsample(nn.Conv2d):
+    """Twice the resolution: nearest-neighbour x2, then a 3x3 convolution."""
+
+    def __init__(self, channels, rng, dtype):
+        super().__init__(channels, channels, 3, padding=1, rng=rng, dtype=dtype)
+
+    def forward(self, x):
+        return super().forward(F.upsample_nearest2d(x, 2))
 
 
 class AttnBlock(nn.Module):
@@ -113,7 +130,7 @@ class UNet(nn.Module):
                 self.down.append(stage)
                 skip_channels.append(cur)
             if level != len(ch_mult) - 1:
-                self.down.append(nn.Conv2d(cur, cur, 3, stride=2, padding=1, rng=rng, dtype=dtype))
+                self.down.append(Downsample(cur, rng, dtype))
                 skip_channels.append(cur)
                 res //= 2
 
@@ -131,7 +148,7 @@ class UNet(nn.Module):
                     stage.append(AttnBlock(cur, num_groups, rng, dtype))
                 self.up.append(stage)
             if level != 0:
-                self.up.append(nn.Conv2d(cur, cur, 3, padding=1, rng=rng, dtype=dtype))  # after x2 upsampling
+                self.up.append(Upsample(cur, rng, dtype))
                 res *= 2
 
         self.norm_out = nn.GroupNormSiLU(num_groups, cur, dtype=dtype)
@@ -159,15 +176,15 @@ class UNet(nn.Module):
             raise ValueError("UNet: labels given to a model made without num_classes")
         hs = [self.conv_in(x)]
         for layer in self.down:
-            if isinstance(layer, nn.Conv2d):                               # downsample by 2
+            if isinstance(layer, Downsample):
                 hs.append(layer(hs[-1]))
-            else:
+            else:                                                          # ResBlock (+ attention)
                 hs.append(self._stage(layer, hs[-1], temb))
         h = self.mid2(self.mid_attn(self.mid1(hs[-1], temb)), temb)
         for layer in self.up:
-            if isinstance(layer, nn.Conv2d):                               # upsample by 2
-                h = layer(F.upsample_nearest2d(h, 2))
-            else:
+            if isinstance(layer, Upsample):
+                h = layer(h)
+            else:                                                          # with the newest skip
                 h = self._stage(layer, F.concat([h, hs.pop()], axis=1), temb)
         assert not hs, "every skip connection is used exactly once"
         return self.conv_out(self.norm_out(h))                          # norm, SiLU, conv: (B, C, H, W)

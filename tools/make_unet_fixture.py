@@ -4,7 +4,7 @@ Run with a Python that has PyTorch (never a project dependency):
 
     .torchvenv/bin/python tools/make_unet_fixture.py
 
-It builds the PyTorch twin of the UNet that benchmarks/bench_step.py times
+It builds the PyTorch reference of the UNet that benchmarks/bench_step.py times
 (`torch_unet`) and writes two files into tests/fixtures/:
 
 - unet_tiny_reference.npz: a tiny configuration (8x8 images, ch 8, two levels,

@@ -5,16 +5,24 @@ lives here; the plain engine around it runs and passes its tests without it.
 
     AUTOGRAD_FAST=0|1                    the switch, read by `import autograd` (on by default)
     autograd.fast.enable() / disable()   the same from Python; enabled() says which is in use
+    AUTOGRAD_PROCESSES=N                 how many processes share a batch (processes.py; 1: no split)
+    AUTOGRAD_MALLOC=default              leave glibc's malloc settings alone (memory.py)
+
+The CPU kernels' first call holds NumPy's BLAS at one thread and asks glibc's
+malloc to keep freed memory, for the whole process (threads.py, memory.py
+say why); disable() gives the BLAS its threads back.
 
 What the twins do, by file:
-- conv_cpu.py, norm_cpu.py, attention.py: the CPU kernels a few images at a
-  time (each chunk's buffers stay in cache), run on threads (threads.py),
-  with the group norm and its SiLU in fewer passes over memory;
-  memory.py: the allocator and NumPy buffer settings they rely on.
+- conv_cpu.py, norm_cpu.py: the CPU kernels a few images at a time (each
+  chunk's buffers stay in cache), run on threads (threads.py), with the
+  group norm and its SiLU in fewer passes over memory; memory.py: the
+  allocator and NumPy buffer settings they rely on.
+- attention.py: attention in chunks on the threads (CPU), and in products
+  that read transposed operands in place (GPU).
 - conv_gpu.py, norm_gpu.py, cuda.py: on a GPU, few and large launches: a
   patch-gather kernel and direct cuBLAS products per convolution, one CUDA
-  kernel per direction for the group norm, fused element-wise chains, and
-  the TF32 switch.
+  kernel forward and two backward for the group norm, fused element-wise
+  chains, and the TF32 switch.
 - optim.py: Adam, the EMA and the clipping on one flat buffer (GPU).
 - processes.py: `nn.batch_parallel`, which splits each batch over forked
   processes on a CPU with several cores.
@@ -48,7 +56,7 @@ def conv2d_backward(grad, x, w, stride, padding, need_x=True, need_w=True, need_
 
 
 def upsample_nearest2d_forward(x, scale):
-    if is_cuda_array(x):            # one strided copy per block offset is one launch each
+    if is_cuda_array(x):   # the CPU twin's scale^2 strided copies would be scale^2 launches; plain: one
         return seam.plain_kernels()["upsample_nearest2d_forward"](x, scale)
     return conv_cpu.upsample_nearest2d_forward(x, scale)
 

@@ -29,7 +29,7 @@ def keep_freed_host_memory():
     of shrinking between steps (the peak itself hardly moves), and each
     thread's malloc arena may keep freed memory too. Arrays above 32 MB (glibc's ceiling for the threshold)
     still get their own mapping. The fast kernels ask for this at their
-    first CPU loop; TINYDDPM_MALLOC=default in the environment leaves glibc's
+    first CPU loop; AUTOGRAD_MALLOC=default (or TINYDDPM_MALLOC) leaves glibc's
     defaults alone. Does nothing where the C library is not glibc; returns
     whether it applied. CuPy needs none of this: its memory pool already
     reuses device memory.
@@ -37,7 +37,7 @@ def keep_freed_host_memory():
     global _host_memory_kept
     if _host_memory_kept:
         return True
-    if os.environ.get("TINYDDPM_MALLOC") == "default":
+    if "default" in (os.environ.get("AUTOGRAD_MALLOC"), os.environ.get("TINYDDPM_MALLOC")):
         return False
     try:
         if not os.confstr("CS_GNU_LIBC_VERSION"):

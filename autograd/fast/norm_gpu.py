@@ -1,10 +1,12 @@
-"""Group normalization (+ SiLU) on a GPU: one CUDA kernel of our own per direction.
+"""Group normalization (+ SiLU) on a GPU: CUDA kernels of our own, one forward and two backward.
 
 Written as CuPy calls, a group norm and its SiLU are about twenty kernel
 launches forward and twice that backward, and a training step is bound by
 the host issuing them. Here one thread block per (example, group) does
 everything for its group: the sums, the statistics and the normalization
-(+ SiLU) forward; the per-channel sums and dL/dx backward. Sums are kept in
+(+ SiLU) forward; the per-channel sums and dL/dx backward, after which a
+second, small kernel adds the per-example dL/dweight and dL/dbias over the
+batch, in order. Sums are kept in
 double; the arithmetic is that of norm_cpu.py (and of the plain kernels'
 formulas in autograd/kernels/norm.py). tests/gpu compares them with the CPU's.
 """

@@ -5,8 +5,11 @@ over the parameters (the mnist UNet has about 160 arrays) launches a few
 for each one. Here all the parameters are views of one contiguous 1-D array,
 and so are Adam's moments, the EMA's shadow and, once gathered, the
 gradients, so each update is a handful of kernels over one long array. On a
-CPU the arithmetic, not the calls, is the cost, so there the twins run the
-plain loops (`use_flat` says where each runs; tests force it on NumPy).
+CPU the arithmetic, not the calls, is the cost, so there the EMA and the
+clipping run the plain loops and Adam a loop of its own, with the bias
+corrections folded into the step size (fewer passes over memory, the same
+update up to rounding); `use_flat` says where each runs, and the tests force
+the flat buffers on NumPy.
 
 A buffer is flat when it is one contiguous 1-D array and a list of views of
 it, consecutive and in parameter order, fills it: view i shaped like

@@ -34,7 +34,8 @@ children (an optimizer step here is what the children compute with next;
 update them in place, never replace them), then forks processes - 1
 children (Linux only; elsewhere, on a GPU, or with one process, `net` is the
 model itself). How many processes: as many as the fast kernels have threads,
-or TINYDDPM_PROCESSES from the environment (1 turns the split off). A call
+or AUTOGRAD_PROCESSES from the environment (1 turns the split off; the
+tinyddpm commands' name for it, TINYDDPM_PROCESSES, works too). A call
 cuts every argument along axis 0 into nearly equal slices and sends slices
 1.. to the children through pipes (raw bytes and a small JSON header:
 nothing is pickled). Each process runs its kernels on one thread, so the
@@ -455,12 +456,13 @@ class _SplitCall(Function):
 
 
 def default_processes():
-    """TINYDDPM_PROCESSES from the environment (1: no split), else as many processes as
-    the fast kernels have threads."""
-    value = os.environ.get("TINYDDPM_PROCESSES")
-    if value is not None:
+    """AUTOGRAD_PROCESSES (or TINYDDPM_PROCESSES) from the environment (1: no split), else as
+    many processes as the fast kernels have threads."""
+    name = next((n for n in ("AUTOGRAD_PROCESSES", "TINYDDPM_PROCESSES") if n in os.environ), None)
+    if name is not None:
+        value = os.environ[name]
         if not value.strip().isdigit() or int(value) < 1:
-            raise nn.BatchParallelError(f"TINYDDPM_PROCESSES must be an integer >= 1, got {value!r}")
+            raise nn.BatchParallelError(f"{name} must be an integer >= 1, got {value!r}")
         return int(value)
     return _cores or threads.num_threads()
 

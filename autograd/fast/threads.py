@@ -127,7 +127,7 @@ _host_memory_asked = False
 
 
 def _keep_host_memory():
-    """Once: glibc's malloc keeps freed memory (backend.keep_freed_host_memory says why)."""
+    """Once: glibc's malloc keeps freed memory (memory.keep_freed_host_memory says why)."""
     global _host_memory_asked
     _host_memory_asked = True
     memory.keep_freed_host_memory()
