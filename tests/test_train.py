@@ -163,9 +163,9 @@ def test_a_damaged_data_state_is_refused_at_once(state):
 
 
 def test_learning_rate_warms_up_linearly():
-    config = TrainConfig(lr=1e-3, warmup=4)
+    config = TrainConfig(lr=1e-3, warmup=4, lr_schedule="constant")
     assert [learning_rate(config, s) for s in (1, 2, 4, 5, 100)] == [2.5e-4, 5e-4, 1e-3, 1e-3, 1e-3]
-    assert learning_rate(TrainConfig(lr=1e-3, warmup=0), 1) == 1e-3
+    assert learning_rate(TrainConfig(lr=1e-3, warmup=0, lr_schedule="constant"), 1) == 1e-3
 
 
 @pytest.mark.parametrize("schedule, middle", [("cosine", 0.5e-3), ("linear", 0.5e-3)])
@@ -182,7 +182,7 @@ def test_decaying_learning_rates_go_from_lr_after_warm_up_to_zero_at_the_last_st
 
 
 def test_ema_decay_is_fixed_or_ramps_up_to_the_configured_decay():
-    fixed = TrainConfig(ema_decay=0.995)
+    fixed = TrainConfig(ema_decay=0.995, ema_schedule="fixed")
     assert {ema_decay(fixed, s) for s in (1, 10, 1000)} == {0.995}
     ramp = TrainConfig(ema_decay=0.995, ema_schedule="warmup")
     assert ema_decay(ramp, 1) == pytest.approx(2 / 11) and ema_decay(ramp, 80) == pytest.approx(0.9)
