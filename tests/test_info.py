@@ -16,7 +16,8 @@ from tinyddpm.unet import UNet
 from test_checkpoint import RNG_STATE
 
 MICRO = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0, num_groups=4)
-CONFIG = TrainConfig(preset="micro", steps=500, batch_size=16, ema_decay=0.99, seed=7)
+CONFIG = TrainConfig(preset="micro", steps=500, batch_size=16, ema_decay=0.99, ema_schedule="fixed",
+                     variance="beta", seed=7)
 
 
 @pytest.fixture(autouse=True)
@@ -78,6 +79,18 @@ def test_a_checkpoint_without_optimizer_state_says_so(saved):
     info = checkpoint_info(path)
     assert info["optimizer"] is False and info["optimizer_step"] is None
     assert "none (weights only)" in format_info(info)
+
+
+def test_the_bare_jobs_recipe_is_named_as_it_is(tmp_path):
+    config = dataclasses.replace(CONFIG, ema_decay=0.999, ema_schedule="warmup", variance="posterior")
+    model = UNet(**config.unet_kwargs(), rng=np.random.default_rng(0))
+    params = model.parameters()
+    rng_state = dict(RNG_STATE, data=dict(RNG_STATE["data"], batches_taken=0))
+    path = tmp_path / "recipe.npz"
+    save_checkpoint(path, model, EMA(params), Adam(params, lr=1e-3), 0, rng_state, config)
+    text = format_info(checkpoint_info(path))
+    assert "raw and EMA (decay min(0.999, (1 + t) / (10 + t)))" in text
+    assert "sigma_t^2 = the posterior variance (beta tilde_t, eq. 7)" in text
 
 
 def test_a_conditional_checkpoint_is_reported_as_one(tmp_path):

@@ -51,6 +51,13 @@ def checkpoint_info(path):
     }
 
 
+def _ema_decay(config):
+    # Configurations written before ema_schedule existed had a fixed decay.
+    if config.get("ema_schedule", "fixed") == "warmup":
+        return f"min({config['ema_decay']}, (1 + t) / (10 + t))"
+    return f"{config['ema_decay']}"
+
+
 def format_info(info):
     """The dict of checkpoint_info as a few aligned lines of text, the configuration last."""
     config = info["config"]
@@ -64,7 +71,7 @@ def format_info(info):
                        f"format version {info['format_version']})"),
         ("model", f"UNet preset {info['preset']}, {info['parameters']:,} parameters, {info['dtype']}"),
         ("trained", f"{info['step']:,} steps of {config['steps']:,} asked for"),
-        ("weights", f"raw and EMA (decay {config['ema_decay']})" if info["ema"] else "raw only"),
+        ("weights", f"raw and EMA (decay {_ema_decay(config)})" if info["ema"] else "raw only"),
         ("optimizer", f"Adam moments at step {info['optimizer_step']}" if info["optimizer"]
                       else "none (weights only)"),
         ("conditional", conditional),
