@@ -269,7 +269,7 @@ WEIGHT = "model/conv_in.weight"
     (dict(config=config_with(lr=float("inf"))), "lr: must be a finite number"),
     (dict(config=config_with(beta_end=1.5)), "beta_end < 1"),
     (dict(config=config_with(T=10**9)), "T: must be at most 100,000"),
-    (dict(config=config_with(T=80_000)), "at most T = 8769"),
+    (dict(config=config_with(T=80_000, schedule="linear")), "at most T = 8769"),
     (dict(config=config_with(image_size=4096)), "image_size"),
     (dict(config=np.array("[" * 30_000 + "]" * 30_000)), "invalid configuration"),
     (dict(config=np.array(" " * 70_000)), "characters long"),

@@ -53,11 +53,11 @@ def test_a_chain_too_long_for_the_samplers_float32_is_refused_naming_the_limit()
     largest = float(np.finfo(np.float32).max)
     usable = [T for T in (8000, 8768, 8769, 8770, 9000) if np.prod(1 - linear_betas(T)) >= 1 / largest]
     assert usable == [8000, 8768, 8769]
-    TrainConfig(T=8769).validate()
+    TrainConfig(T=8769, schedule="linear").validate()
     for T in (8770, 17_700, 75_000):
-        refused("T", "at most T = 8769 for these betas", T=T)
+        refused("T", "at most T = 8769 for these betas", T=T, schedule="linear")
     # A smaller beta_end allows a longer chain, and the cosine schedule any T up to MAX_T.
-    TrainConfig(T=20_000, beta_end=0.005).validate()
+    TrainConfig(T=20_000, schedule="linear", beta_end=0.005).validate()
     TrainConfig(T=MAX_T, schedule="cosine").validate()
 
 
@@ -78,8 +78,8 @@ def test_past_the_limit_float32_sampling_really_breaks():
 
 def test_too_few_preview_steps_for_a_long_chain_are_refused():
     # One respaced step would jump from alpha_bar = 1 to 6e-36: a beta of 1 in float64.
-    refused("sample_steps", "respaced steps", T=8000, sample_steps=1)
-    TrainConfig(T=8000, sample_steps=100).validate()
+    refused("sample_steps", "respaced steps", T=8000, schedule="linear", sample_steps=1)
+    TrainConfig(T=8000, schedule="linear", sample_steps=100).validate()
 
 
 def test_fields_a_resume_may_change_are_left_to_the_resumed_run():

@@ -17,7 +17,7 @@ from test_checkpoint import RNG_STATE
 
 MICRO = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0, num_groups=4)
 CONFIG = TrainConfig(preset="micro", steps=500, batch_size=16, ema_decay=0.99, ema_schedule="fixed",
-                     variance="beta", seed=7)
+                     schedule="linear", variance="beta", seed=7)
 
 
 @pytest.fixture(autouse=True)

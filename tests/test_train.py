@@ -191,9 +191,10 @@ def test_ema_decay_is_fixed_or_ramps_up_to_the_configured_decay():
 
 def test_a_config_written_before_the_recipe_options_keeps_the_papers_recipe():
     old = TrainConfig().to_dict()
-    for key in ("lr_schedule", "ema_schedule", "loss_weight"):
+    for key in ("schedule", "variance", "lr_schedule", "ema_schedule", "loss_weight"):
         del old[key]
     restored = TrainConfig.from_dict(old)
+    assert (restored.schedule, restored.variance) == ("linear", "beta")
     assert (restored.lr_schedule, restored.ema_schedule, restored.loss_weight) == ("constant", "fixed", "uniform")
 
 

@@ -80,7 +80,7 @@ TRAIN_OPTIONS = [
     ("--p-uncond", "p_uncond", float,
      f"with --class-cond: how often a label is replaced by the null label (default {_D.p_uncond})"),
     ("--timesteps", "T", int, f"diffusion steps T (default {_D.T})"),
-    ("--schedule", "schedule", str, f"noise schedule: linear or cosine (default {_D.schedule})"),
+    ("--schedule", "schedule", str, f"noise schedule: linear (the paper's) or cosine (default {_per_device('schedule')})"),
     ("--seed", "seed", int, f"seed of every random draw (default {_D.seed})"),
     ("--device", "device", str, "cpu or cuda (default cpu)"),
     ("--dtype", "dtype", str, "float32, the only one for training (default float32)"),
