@@ -2,8 +2,8 @@
 
 This is `tinyddpm train` in miniature, through the same code
 (`tinyddpm.train.prepare_run` and `tinyddpm.train.train`): the `mnist-tiny`
-UNet (1.1M parameters), T = 1000 linear betas, Adam with warm-up, gradient
-clipping and an EMA of the weights. At the end the trainer samples a grid
+UNet (1.1M parameters), T = 1000 betas on the cosine schedule, Adam with
+warm-up, gradient clipping and an EMA of the weights. At the end the trainer samples a grid
 from the EMA weights with a respaced chain of 50 steps instead of 1000
 (Nichol & Dhariwal 2021: the same model, every 20th timestep).
 

@@ -18,11 +18,12 @@ out=$1; shift
 mkdir -p "$out"
 py=${PYTHON:-python}
 # Each row changes one thing from the baseline: the paper's recipe shortened
-# to the bare job's length (lr 1e-3 constant after warm-up, a fixed EMA decay
-# of 0.995, eq. 14 unweighted, sigma^2 = beta), which were the CPU defaults
-# before they took the ablation's winners. A row's own options come after
-# these and win.
-paper="--lr-schedule constant --ema-schedule fixed --ema-decay 0.995 --loss-weight uniform --variance beta"
+# to the bare job's length (linear betas, lr 1e-3 constant after warm-up, a
+# fixed EMA decay of 0.995, eq. 14 unweighted, sigma^2 = beta), which were the
+# CPU defaults before they took the ablation's winners. A row's own options
+# come after these and win.
+paper="--schedule linear --lr-schedule constant --ema-schedule fixed --ema-decay 0.995 --loss-weight uniform \
+--variance beta"
 common=${COMMON:---seed 0 --sample-every 0 --save-every 500 $paper}
 for row in "$@"; do
     name=${row%%=*}
