@@ -3,9 +3,10 @@
 This is `tinyddpm train` in miniature, through the same code
 (`tinyddpm.train.prepare_run` and `tinyddpm.train.train`): the `mnist-tiny`
 UNet (1.1M parameters), T = 1000 betas on the cosine schedule, Adam with
-warm-up, gradient clipping and an EMA of the weights. At the end the trainer samples a grid
-from the EMA weights with a respaced chain of 50 steps instead of 1000
-(Nichol & Dhariwal 2021: the same model, every 20th timestep).
+warm-up, gradient clipping and an EMA of the weights. At the end the trainer
+samples a grid from the EMA weights with a respaced chain of 50 steps
+instead of 1000 (Nichol & Dhariwal 2021: the same model, every 20th
+timestep).
 
 A few minutes on a CPU is a few hundred steps: expect blobs and strokes that
 are starting to look like digits, not clean digits. The real run is

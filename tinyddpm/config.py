@@ -34,12 +34,12 @@ from tinyddpm.unet import PRESETS
 # The CPU entry is the measured best of docs/training.md's ablation at the
 # same wall time: 2000 steps of batch 64 on the cosine noise schedule, which
 # spreads the noise more evenly over the chain than the paper's linear one
-# (FID 63 -> 45 at 100 respaced steps); a larger step than the paper's
+# (the table's largest gain); a larger step than the paper's
 # (1e-3 instead of 2e-4, safe with warm-up and clipping), decayed to zero
 # along half a cosine; an EMA whose decay ramps up from the first step
 # instead of remembering the random initialization; and sigma_t^2 =
 # beta-tilde, which draws cleaner digits than the paper's beta_t at 100
-# respaced steps (FID 86 -> 71 on the same weights).
+# respaced steps.
 # The GPU entry has the settings of the recorded run of docs/gpu.md: the
 # full-size model, batch 128, lr 1e-3 constant and EMA 0.995; that run did
 # 2000 steps in 5 minutes on an H200 and, stopped at step 2041, scored FID
